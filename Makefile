@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install prometheus lint typecheck test test-unit demo docs clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Prometheus and promtool: from PATH, else fetched once from Debian's package into .cache/.
+prometheus: $(STAMP)
+	$(PY) -c "from exporter.promserver import find_prometheus; b = find_prometheus(); print('prometheus', b.version, b.prometheus)"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check exporter tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: lint typecheck prometheus
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+demo: prometheus
+	$(PY) -m exporter demo
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
+
+docs: $(STAMP)
+	$(PY) -m exporter.docs README.md

@@ -1,0 +1,234 @@
+"""derive: hand-built base frames in, hand-computed tables out."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from exporter import catalog, config, derive
+from exporter.catalog import Selectors
+
+SEL = Selectors.from_config(config.load(None, environ={}))
+TRITON_COLS = ["model", "version", "pod", "prometheus_replica", "value"]
+SLICE_COLS = ["instance", "device", "GPU_I_ID", "GPU_I_PROFILE", "exported_pod",
+              "prometheus_replica", "value"]
+
+
+def triton(*rows: tuple[str, str, str, str, float]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=TRITON_COLS)
+
+
+def slices(*rows: tuple[str, str, str, str, str, str, float]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=SLICE_COLS)
+
+
+def as_dict(table: pd.DataFrame | derive.DeriveError) -> dict[tuple[str, ...], float]:
+    assert isinstance(table, pd.DataFrame), table
+    labels = [c for c in table.columns if c != "value"]
+    return {tuple(row[labels]): float(row["value"]) for _, row in table.iterrows()}
+
+
+def fleet(table: pd.DataFrame | derive.DeriveError) -> float | None:
+    values = as_dict(table)
+    assert set(values) <= {()}
+    return values.get(())
+
+
+def all_triton(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {q.name: frame for q in catalog.BASE_QUERIES if q.source is catalog.Source.TRITON}
+
+
+# A fleet of two pods, two models; model b has two versions. Replica r1 duplicates r0 except
+# where noted; one series carries no model label.
+COUNT = triton(
+    ("a", "1", "p1", "r0", 10.0),
+    ("a", "1", "p1", "r1", 10.0),
+    ("a", "1", "p2", "r0", 6.0),
+    ("a", "1", "p2", "r1", 5.0),  # replicas disagree a little: the higher one is kept
+    ("b", "1", "p1", "r0", 4.0),
+    ("b", "2", "p2", "r0", 0.0),  # loaded, idle
+    ("", "", "p1", "r0", 3.0),  # no model label: only the raw rate sees it
+)
+
+
+def test_rates_at_every_level_are_deduplicated_and_skip_unlabelled_series() -> None:
+    out = derive.derive_all(all_triton(COUNT), SEL)
+    assert as_dict(out["model_version_pod:nv_inference_count:rate"]) == {
+        ("a", "1", "p1"): 10.0,
+        ("a", "1", "p2"): 6.0,
+        ("b", "1", "p1"): 4.0,
+        ("b", "2", "p2"): 0.0,
+    }
+    assert as_dict(out["model_version:nv_inference_count:rate"]) == {
+        ("a", "1"): 16.0, ("b", "1"): 4.0, ("b", "2"): 0.0,
+    }
+    assert as_dict(out["pod:nv_inference_count:rate"]) == {("p1",): 14.0, ("p2",): 6.0}
+    assert fleet(out[":nv_inference_count:rate"]) == 20.0
+
+
+def test_raw_rate_and_drift_see_duplicates_and_unlabelled_series() -> None:
+    out = derive.derive_all(all_triton(COUNT), SEL)
+    raw = 10 + 10 + 6 + 5 + 4 + 0 + 3
+    assert fleet(out[":nv_inference_count:rate_raw"]) == raw
+    assert fleet(out[":triton_inference_rate_drift:ratio"]) == pytest.approx(20 / raw)
+
+
+def test_drift_is_one_on_a_clean_upstream_and_half_with_a_doubled_replica() -> None:
+    clean = triton(("a", "1", "p1", "r0", 8.0), ("b", "1", "p2", "r0", 2.0))
+    assert fleet(derive.derive_all(all_triton(clean), SEL)[
+        ":triton_inference_rate_drift:ratio"]) == 1.0
+    doubled = pd.concat([clean, clean.assign(prometheus_replica="r1")])
+    out = derive.derive_all(all_triton(doubled), SEL)
+    assert fleet(out[":triton_inference_rate_drift:ratio"]) == 0.5
+    assert fleet(out[":nv_inference_count:rate"]) == 10.0
+
+
+def test_concurrency_counts_active_servers_per_model() -> None:
+    out = derive.derive_all(all_triton(COUNT), SEL)
+    assert as_dict(out["model_version:triton_servers_active:count"]) == {
+        ("a", "1"): 2.0, ("b", "1"): 1.0, ("b", "2"): 0.0,
+    }
+    assert as_dict(out["pod:triton_models_active:count"]) == {("p1",): 2.0, ("p2",): 1.0}
+    assert fleet(out[":triton_servers_active:count"]) == 2.0
+    assert fleet(out[":triton_model_servers_active:sum"]) == 3.0
+    assert fleet(out[":triton_model_concurrency:ratio"]) == 1.5
+
+
+def test_idle_fleet_has_zero_counts_and_no_ratios() -> None:
+    idle = triton(("a", "1", "p1", "r0", 0.0), ("a", "1", "p2", "r0", 0.0))
+    out = derive.derive_all(all_triton(idle), SEL)
+    assert fleet(out[":triton_servers_active:count"]) == 0.0
+    assert fleet(out[":triton_model_servers_active:sum"]) == 0.0
+    # 0/0 is absent: not 0, not NaN.
+    assert fleet(out[":triton_model_concurrency:ratio"]) is None
+    assert as_dict(out["model_version:nv_inference_batch_size:mean"]) == {}
+    assert as_dict(out["model_version:nv_inference_request_duration:mean_seconds"]) == {}
+    assert fleet(out[":nv_inference_request_duration:mean_seconds"]) is None
+    assert fleet(out[":triton_inference_rate_drift:ratio"]) is None
+    assert fleet(out[":nv_inference_count:rate"]) == 0.0
+
+
+def test_empty_upstream_gives_absent_fleet_figures() -> None:
+    out = derive.derive_all(all_triton(triton()), SEL)
+    for name in (":nv_inference_count:rate", ":triton_servers_active:count",
+                 ":nv_inference_count:rate_raw", ":triton_model_concurrency:ratio"):
+        assert fleet(out[name]) is None, name
+
+
+def test_latency_batch_size_and_cache_ratio_per_model() -> None:
+    success = triton(("a", "1", "p1", "r0", 4.0), ("a", "1", "p2", "r0", 6.0),
+                     ("b", "1", "p1", "r0", 0.0))
+    count = triton(("a", "1", "p1", "r0", 16.0), ("a", "1", "p2", "r0", 24.0),
+                   ("b", "1", "p1", "r0", 0.0))
+    execs = triton(("a", "1", "p1", "r0", 2.0), ("a", "1", "p2", "r0", 3.0),
+                   ("b", "1", "p1", "r0", 0.0))
+    # 2000 us per request on p1, 3000 us on p2: (4*2000 + 6*3000) / 10 = 2600 us.
+    request_us = triton(("a", "1", "p1", "r0", 8000.0), ("a", "1", "p2", "r0", 18000.0),
+                        ("b", "1", "p1", "r0", 0.0))
+    hits = triton(("a", "1", "p1", "r0", 1.0), ("a", "1", "p2", "r0", 1.5))
+    frames = all_triton(request_us)
+    frames.update(success=success, count=count, exec=execs, cache_hits=hits)
+    out = derive.derive_all(frames, SEL)
+    assert as_dict(out["model_version:nv_inference_request_duration:mean_seconds"]) == {
+        ("a", "1"): pytest.approx(0.0026),
+    }
+    assert fleet(out[":nv_inference_request_duration:mean_seconds"]) == pytest.approx(0.0026)
+    assert as_dict(out["model_version:nv_inference_batch_size:mean"]) == {("a", "1"): 8.0}
+    assert as_dict(out["model_version:nv_cache_hit:ratio"]) == {("a", "1"): 0.25}
+
+
+def test_cache_ratio_absent_when_cache_series_do_not_exist() -> None:
+    frames = all_triton(triton(("a", "1", "p1", "r0", 4.0)))
+    frames["cache_hits"] = triton()
+    out = derive.derive_all(frames, SEL)
+    assert as_dict(out["model_version:nv_cache_hit:ratio"]) == {}
+
+
+def test_non_finite_samples_are_dropped_not_published() -> None:
+    frame = triton(("a", "1", "p1", "r0", math.nan), ("a", "1", "p2", "r0", math.inf),
+                   ("b", "1", "p1", "r0", 2.0), ("c", "1", "p1", "r0", -math.inf))
+    out = derive.derive_all(all_triton(frame), SEL)
+    assert as_dict(out["model_version_pod:nv_inference_count:rate"]) == {("b", "1", "p1"): 2.0}
+    assert fleet(out[":nv_inference_count:rate_raw"]) == 2.0
+    for result in out.values():
+        if isinstance(result, pd.DataFrame) and not result.empty:
+            assert result["value"].map(math.isfinite).all()
+
+
+def test_churn_a_model_gone_from_the_frame_is_gone_from_every_table() -> None:
+    before = triton(("a", "1", "p1", "r0", 1.0), ("b", "1", "p1", "r0", 1.0))
+    after = triton(("a", "1", "p1", "r0", 1.0))
+    assert ("b", "1") in as_dict(derive.derive_all(all_triton(before), SEL)[
+        "model_version:nv_inference_count:rate"])
+    out = derive.derive_all(all_triton(after), SEL)
+    for name, result in out.items():
+        if isinstance(result, pd.DataFrame) and "model" in result.columns:
+            assert "b" not in set(result["model"]), name
+
+
+def test_custom_source_label_names_are_published_as_contract_names() -> None:
+    cfg = config.from_mapping(
+        {"triton": {"model_label": "model_name", "pod_label": "exported_pod"},
+         "replica_labels": ["__replica__"]}, environ={})
+    sel = Selectors.from_config(cfg)
+    frame = pd.DataFrame(
+        [("a", "1", "p1", "x", 2.0), ("a", "1", "p1", "y", 2.0)],
+        columns=["model_name", "version", "exported_pod", "__replica__", "value"])
+    out = derive.derive_all({q.name: frame for q in catalog.BASE_QUERIES}, sel)
+    assert as_dict(out["model_version_pod:nv_inference_count:rate"]) == {("a", "1", "p1"): 2.0}
+
+
+SLICES = slices(
+    ("10.0.0.1:9400", "nvidia0", "1", "3g.40gb", "tr-1", "r0", 0.6),
+    ("10.0.0.1:9400", "nvidia0", "1", "3g.40gb", "tr-1", "r1", 0.5),
+    ("10.0.0.1:9400", "nvidia0", "9", "1g.10gb", "tr-2", "r0", 0.7),
+    ("10.0.0.1:9400", "nvidia0", "10", "1g.10gb", "", "r0", 0.0),  # unattributed slice
+    ("10.0.0.2:9400", "nvidia0", "1", "7g.79gb", "tr-3", "r0", 0.2),  # driver-reported name
+    ("10.0.0.2:9400", "nvidia1", "", "", "tr-4", "r0", 0.5),  # a whole GPU
+)
+
+
+def test_slices_are_deduplicated_and_keep_their_pod() -> None:
+    frames = {"tensor": SLICES, "dram": SLICES, "gr_engine": SLICES, "tensor_max": SLICES}
+    out = derive.derive_all(frames, SEL)
+    table = as_dict(out["gpu_instance:dcgm_tensor_active:avg"])
+    assert table[("10.0.0.1:9400", "nvidia0", "1", "3g.40gb", "tr-1")] == 0.6
+    assert table[("10.0.0.1:9400", "nvidia0", "10", "1g.10gb", "")] == 0.0
+    assert len(table) == 5
+    assert fleet(out[":dcgm_tensor_active:sum"]) == pytest.approx(0.6 + 0.7 + 0 + 0.2 + 0.5)
+    assert fleet(out[":dcgm_dram_active:sum"]) == pytest.approx(2.0)
+
+
+def test_gpu_equivalents_weigh_slices_by_their_share_of_the_gpu() -> None:
+    out = derive.derive_all({"tensor": SLICES}, SEL)
+    expected = 0.6 * 3 / 7 + 0.7 * 1 / 7 + 0.0 + 0.2 * 7 / 7 + 0.5 * 1
+    assert fleet(out[":dcgm_tensor_active:gpu_equivalents"]) == pytest.approx(expected)
+
+
+def test_idle_slices_counted_from_the_window_maximum() -> None:
+    out = derive.derive_all({"tensor_max": SLICES}, SEL)
+    assert fleet(out[":dcgm_mig_slices_idle:count"]) == 1.0
+    none = derive.derive_all({"tensor_max": slices()}, SEL)
+    assert fleet(none[":dcgm_mig_slices_idle:count"]) is None
+
+
+def test_a_missing_base_query_fails_only_the_families_that_need_it() -> None:
+    frames = all_triton(COUNT)
+    del frames["exec"]
+    out = derive.derive_all(frames, SEL)
+    assert isinstance(out["model_version:nv_inference_batch_size:mean"], derive.DeriveError)
+    assert isinstance(out["gpu_instance:dcgm_tensor_active:avg"], derive.DeriveError)
+    assert fleet(out[":nv_inference_count:rate"]) == 20.0
+
+
+def test_every_catalog_series_has_a_derivation_with_its_labels() -> None:
+    assert set(derive.DERIVATIONS) == {s.name for s in catalog.SERIES}
+    frames = {q.name: (SLICES if q.source is catalog.Source.DCGM else COUNT)
+              for q in catalog.BASE_QUERIES}
+    out = derive.derive_all(frames, SEL)
+    for series in catalog.SERIES:
+        table = out[series.name]
+        assert isinstance(table, pd.DataFrame), (series.name, table)
+        assert list(table.columns) == [*series.labels(SEL), "value"]
