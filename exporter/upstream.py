@@ -1,0 +1,899 @@
+"""Client for the upstream Prometheus HTTP API (Prometheus, Mimir, Cortex, Thanos, VictoriaMetrics).
+
+The rest of the code depends only on :class:`Querier` (``instant(query, at)``) and the frame
+contract below; :class:`PrometheusClient` is the HTTP implementation. It knows nothing of Triton.
+
+Frame contract (:class:`QueryResult.frame`):
+
+* one string column per label name, the union over all series, sorted by name; a series that
+  lacks a label has ``""`` there; ``__name__`` is kept when the upstream returns it;
+* a float64 ``value`` column; for range queries also a float64 ``timestamp`` column (seconds),
+  long format: one row per sample;
+* an empty result is a frame with only ``value`` (and ``timestamp``) and no rows;
+* ``NaN``, ``+Inf`` and ``-Inf`` samples are kept as float nan/inf: the caller decides what to drop.
+
+Errors are :class:`UpstreamError` with a ``reason`` from :data:`REASONS`, meant as a metric label.
+Their text names the query and the cause and never contains a credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import importlib.metadata
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, Protocol, Self, cast
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import numpy as np
+import pandas as pd
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    InsecureRequestWarning,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.util.retry import Retry
+
+from exporter.config import ConfigError, UpstreamConfig, format_duration, read_secret
+
+__all__ = [
+    "OUTCOMES",
+    "REASONS",
+    "PrometheusClient",
+    "Querier",
+    "QueryResult",
+    "Reason",
+    "UpstreamError",
+    "parse_envelope",
+    "parse_matrix",
+    "parse_vector",
+]
+
+log = logging.getLogger(__name__)
+
+Reason = Literal[
+    "connection", "timeout", "http_4xx", "http_5xx", "api_error", "bad_response", "too_large"
+]
+#: Every value ``UpstreamError.reason`` can take, for creating self-metric labels at start-up.
+REASONS: Final[tuple[Reason, ...]] = (
+    "connection",
+    "timeout",
+    "http_4xx",
+    "http_5xx",
+    "api_error",
+    "bad_response",
+    "too_large",
+)
+#: Every outcome passed to ``on_request``: ``ok`` or a reason.
+OUTCOMES: Final[tuple[str, ...]] = ("ok", *REASONS)
+
+_QUERY_SHOWN = 120
+_DETAIL_SHOWN = 300
+_ERROR_BODY_BYTES = 64 * 1024
+_CHUNK = 64 * 1024
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SPECIAL_VALUES: Final[dict[str, float]] = {
+    "NaN": math.nan,
+    "+Inf": math.inf,
+    "-Inf": -math.inf,
+    "Inf": math.inf,
+}
+_SPACES = re.compile(r"\s+")
+#: Label columns use the dtype pandas gives strings by default (``str`` in pandas 3).
+_LABEL_DTYPE = pd.Series(["label"]).dtype
+
+
+def _labels(values: Sequence[str] | np.ndarray) -> Any:
+    """A label column as a pandas array of the default string dtype (no copy into a Series)."""
+    return cast(Callable[..., Any], pd.array)(values, dtype=_LABEL_DTYPE)
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = _SPACES.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class UpstreamError(Exception):
+    """A failed call to the upstream API.
+
+    ``reason`` is one of :data:`REASONS`; ``query`` is the PromQL (``None`` for the metadata
+    endpoints); ``status`` is the HTTP status when one was received; ``error_type`` is the API's
+    ``errorType`` when it sent one.
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str,
+        *,
+        query: str | None = None,
+        status: int | None = None,
+        endpoint: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        self.reason: Reason = reason
+        self.detail = _one_line(detail, _DETAIL_SHOWN)
+        self.query = query
+        self.status = status
+        self.endpoint = endpoint
+        self.error_type = error_type
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.query is not None:
+            what = f"query {_one_line(self.query, _QUERY_SHOWN)!r}"
+        else:
+            what = self.endpoint or "request"
+        return f"upstream {what} failed ({self.reason}): {self.detail}"
+
+
+@dataclass(frozen=True, eq=False)
+class QueryResult:
+    """A parsed query answer: the frame (see the module contract) and the API's warnings."""
+
+    frame: pd.DataFrame
+    warnings: tuple[str, ...] = ()
+
+
+class Querier(Protocol):
+    """What the rest of the exporter needs from the upstream."""
+
+    def instant(self, query: str, at: float) -> QueryResult: ...
+
+
+# --- parsing (pure) -----------------------------------------------------------------------------
+
+
+def _bad(detail: str, query: str | None) -> UpstreamError:
+    return UpstreamError("bad_response", detail, query=query)
+
+
+def parse_envelope(payload: object, query: str | None = None) -> tuple[Any, tuple[str, ...]]:
+    """``(data, warnings)`` from a decoded API answer.
+
+    ``status: "error"`` raises ``api_error`` naming ``errorType`` and ``error``; anything that is
+    not a ``{"status": "success", "data": ...}`` object raises ``bad_response``.
+    """
+    if not isinstance(payload, Mapping):
+        raise _bad(f"answer is a JSON {type(payload).__name__}, not an object", query)
+    status = payload.get("status")
+    if status == "error":
+        error_type = str(payload.get("errorType") or "unknown")
+        error = str(payload.get("error") or "no error message")
+        raise UpstreamError(
+            "api_error", f"{error_type}: {error}", query=query, error_type=error_type
+        )
+    if status != "success":
+        raise _bad(f"answer status is {status!r}, expected 'success'", query)
+    if "data" not in payload:
+        raise _bad("answer has no 'data'", query)
+    raw_warnings = payload.get("warnings") or []
+    if not isinstance(raw_warnings, list):
+        raise _bad("answer 'warnings' is not a list", query)
+    found = tuple(str(w) for w in raw_warnings)
+    if found:
+        log.debug("upstream warnings for %s: %s", _one_line(query or "", _QUERY_SHOWN), found)
+    infos = payload.get("infos")
+    if infos:
+        log.debug("upstream infos for %s: %s", _one_line(query or "", _QUERY_SHOWN), infos)
+    return payload["data"], found
+
+
+def _result(data: object, query: str | None) -> tuple[str, Any]:
+    if not isinstance(data, Mapping):
+        raise _bad("'data' is not an object", query)
+    if "resultType" not in data:
+        raise _bad("'data' has no 'resultType'", query)
+    if "result" not in data:
+        raise _bad("'data' has no 'result'", query)
+    return str(data["resultType"]), data["result"]
+
+
+def _float(raw: object) -> float:
+    """A sample value: Prometheus sends strings; ``NaN``/``+Inf``/``-Inf`` are mapped explicitly."""
+    if type(raw) is str:
+        special = _SPECIAL_VALUES.get(raw)
+        if special is not None:
+            return special
+        return float(raw)  # ValueError for anything non-numeric
+    if type(raw) is float or type(raw) is int:  # tolerated: a bare JSON number
+        return float(raw)
+    raise ValueError(f"not a number: {raw!r}")
+
+
+def _timestamp(raw: object) -> float:
+    if type(raw) is float or type(raw) is int:
+        return float(raw)
+    raise ValueError(f"timestamp is not a number: {raw!r}")
+
+
+def _sample(raw: object, where: str, query: str | None) -> tuple[float, float]:
+    if type(raw) is not list or len(raw) != 2:
+        raise _bad(f'{where} is not a [timestamp, "value"] pair: {_one_line(repr(raw), 60)}', query)
+    try:
+        return _timestamp(raw[0]), _float(raw[1])
+    except (ValueError, TypeError) as error:
+        raise _bad(f"{where}: {error}", query) from None
+
+
+def _series_metric(item: object, index: int, query: str | None) -> Mapping[str, Any]:
+    if not isinstance(item, Mapping):
+        raise _bad(f"result[{index}] is not an object", query)
+    metric = item.get("metric", {})
+    if not isinstance(metric, Mapping):
+        raise _bad(f"result[{index}].metric is not an object", query)
+    return metric
+
+
+def _types_within(items: list[Any], allowed: frozenset[type]) -> bool:
+    return set(map(type, items)) <= allowed
+
+
+_DICT = frozenset({dict})
+_LIST = frozenset({list})
+_STR = frozenset({str})
+_NUMBER = frozenset({int, float})
+
+
+class _Irregular(Exception):
+    """The bulk path met something unusual; the item-by-item path says what (or copes)."""
+
+
+def _bulk_series(result: list[Any], key: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    try:
+        metrics = [item["metric"] for item in result]
+        payloads = [item[key] for item in result]
+    except (KeyError, TypeError, IndexError):
+        raise _Irregular from None
+    if not (_types_within(metrics, _DICT) and _types_within(payloads, _LIST)):
+        raise _Irregular
+    return metrics, payloads
+
+
+def _bulk_samples(samples: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    if not (_types_within(samples, _LIST) and set(map(len, samples)) <= {2}):
+        raise _Irregular
+    stamps = [sample[0] for sample in samples]
+    raw = [sample[1] for sample in samples]
+    if not (_types_within(stamps, _NUMBER) and _types_within(raw, _STR)):
+        raise _Irregular
+    try:
+        # numpy parses "NaN", "+Inf" and "-Inf" like float() does.
+        return np.array(stamps, dtype=np.float64), np.array(raw, dtype=np.float64)
+    except (ValueError, OverflowError):
+        raise _Irregular from None
+
+
+def _label_columns(
+    metrics: Sequence[Mapping[str, Any]], reserved: tuple[str, ...], query: str | None
+) -> dict[str, list[str]]:
+    names: set[str] = set()
+    names = names.union(*metrics)
+    clash = names.intersection(reserved)
+    if clash:
+        raise _bad(
+            f"series carry label(s) {sorted(clash)} that clash with the frame's own columns; "
+            "aggregate or label_replace them away in the query",
+            query,
+        )
+    columns: dict[str, list[str]] = {}
+    for name in sorted(names):
+        column = [m.get(name, "") for m in metrics]
+        if not _types_within(column, _STR):
+            raise _bad(f"label {name!r} has a value that is not a string", query)
+        columns[name] = column
+    return columns
+
+
+def _histogram_hint(item: Mapping[str, Any], key: str) -> str:
+    return " (native histogram samples are not supported)" if key in item else ""
+
+
+def _checked_vector(
+    result: list[Any], query: str | None
+) -> tuple[list[Mapping[str, Any]], np.ndarray]:
+    metrics: list[Mapping[str, Any]] = []
+    values: list[float] = []
+    for index, item in enumerate(result):
+        metrics.append(_series_metric(item, index, query))
+        raw = item.get("value")
+        if raw is None:
+            hint = _histogram_hint(item, "histogram")
+            raise _bad(f"result[{index}] has no 'value'{hint}", query)
+        values.append(_sample(raw, f"result[{index}].value", query)[1])
+    return metrics, np.array(values, dtype=np.float64)
+
+
+def _checked_matrix(
+    result: list[Any], query: str | None
+) -> tuple[list[Mapping[str, Any]], list[int], np.ndarray, np.ndarray]:
+    metrics: list[Mapping[str, Any]] = []
+    counts: list[int] = []
+    stamps: list[float] = []
+    values: list[float] = []
+    for index, item in enumerate(result):
+        metrics.append(_series_metric(item, index, query))
+        samples = item.get("values")
+        if samples is None:
+            if "histograms" in item:
+                hint = _histogram_hint(item, "histograms")
+                raise _bad(f"result[{index}] has no 'values'{hint}", query)
+            samples = []
+        if not isinstance(samples, list):
+            raise _bad(f"result[{index}].values is not a list", query)
+        for position, raw in enumerate(samples):
+            stamp, value = _sample(raw, f"result[{index}].values[{position}]", query)
+            stamps.append(stamp)
+            values.append(value)
+        counts.append(len(samples))
+    return metrics, counts, np.array(stamps, dtype=np.float64), np.array(values, dtype=np.float64)
+
+
+def parse_vector(payload: Mapping[str, Any], query: str | None = None) -> QueryResult:
+    """Parse an instant-query answer: ``vector`` (one row per series) or ``scalar`` (one row,
+    no label columns). Any other ``resultType`` raises ``bad_response``."""
+    data, found = parse_envelope(payload, query)
+    result_type, result = _result(data, query)
+    if result_type == "scalar":
+        _, value = _sample(result, "scalar result", query)
+        return QueryResult(pd.DataFrame({"value": np.array([value], dtype=np.float64)}), found)
+    if result_type != "vector":
+        raise _bad(f"resultType is {result_type!r}, expected 'vector'", query)
+    if not isinstance(result, list):
+        raise _bad("vector result is not a list", query)
+    metrics: Sequence[Mapping[str, Any]]
+    try:
+        metrics, samples = _bulk_series(result, "value")
+        _, values = _bulk_samples(samples)
+    except _Irregular:
+        metrics, values = _checked_vector(result, query)
+    columns = _label_columns(metrics, ("value",), query)
+    frame = pd.DataFrame(
+        {name: _labels(column) for name, column in columns.items()} | {"value": values},
+        copy=False,
+    )
+    return QueryResult(frame, found)
+
+
+def parse_matrix(payload: Mapping[str, Any], query: str | None = None) -> QueryResult:
+    """Parse a range-query answer (``matrix``) into the long frame: one row per sample."""
+    data, found = parse_envelope(payload, query)
+    result_type, result = _result(data, query)
+    if result_type != "matrix":
+        raise _bad(f"resultType is {result_type!r}, expected 'matrix'", query)
+    if not isinstance(result, list):
+        raise _bad("matrix result is not a list", query)
+    metrics: Sequence[Mapping[str, Any]]
+    try:
+        metrics, per_series = _bulk_series(result, "values")
+        counts = list(map(len, per_series))
+        stamps, values = _bulk_samples(list(chain.from_iterable(per_series)))
+    except _Irregular:
+        metrics, counts, stamps, values = _checked_matrix(result, query)
+    columns = _label_columns(metrics, ("value", "timestamp"), query)
+    rows = np.repeat(np.arange(len(metrics)), counts)
+    frame = pd.DataFrame(
+        {name: _labels(np.asarray(column, dtype=object)[rows]) for name, column in columns.items()}
+        | {"timestamp": stamps, "value": values},
+        copy=False,
+    )
+    return QueryResult(frame, found)
+
+
+def _string_list(data: object) -> list[str]:
+    if not isinstance(data, list) or not all(type(v) is str for v in data):
+        raise _bad("'data' is not a list of strings", None)
+    return cast(list[str], data)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    package = importlib.import_module("exporter")
+    version = getattr(package, "__version__", None)
+    if isinstance(version, str) and version:
+        return version
+    try:
+        return importlib.metadata.version("triton-mig-exporter")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class _Retry(Retry):
+    #: Retry-After is honoured on the statuses we retry anyway; never on 413 or other 4xx.
+    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})
+
+
+def _retry(cfg: UpstreamConfig) -> Retry:
+    extra: dict[str, Any] = {}
+    if "retry_after_max" in inspect.signature(Retry.__init__).parameters:
+        # A Retry-After of hours would stall the evaluation loop; wait at most one timeout.
+        extra["retry_after_max"] = max(1, math.ceil(cfg.timeout))
+    return _Retry(
+        total=cfg.retries,
+        backoff_factor=cfg.backoff,
+        backoff_max=max(cfg.backoff, cfg.timeout),
+        status_forcelist=_RETRY_STATUSES,
+        allowed_methods=frozenset({"GET", "POST"}),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        raise_on_redirect=False,
+        **extra,
+    )
+
+
+class _Secret:
+    """A secret given inline or in a file; the file is re-read whenever its stat changes, so a
+    rotated secret (a Kubernetes projected volume swaps a symlink) is used from the next request.
+    """
+
+    def __init__(self, value: str | None, path: Path | None, what: str) -> None:
+        self._path = path
+        self._what = what
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._problem: str | None = None
+        self._value = value or ""
+        if path is not None:
+            self._value = self._read_file(path)  # ConfigError at start-up
+
+    def _read_file(self, path: Path) -> str:
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise ConfigError(
+                f"{path}: cannot read {self._what} file: {error.strerror or error}"
+            ) from None
+        value = read_secret(path)
+        if not value:
+            raise ConfigError(f"{path}: {self._what} file is empty")
+        self._stamp = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+        return value
+
+    def get(self) -> str:
+        path = self._path
+        if path is None:
+            return self._value
+        with self._lock:
+            try:
+                stat = os.stat(path)
+                if (stat.st_mtime_ns, stat.st_ino, stat.st_size) != self._stamp:
+                    self._value = self._read_file(path)
+                    log.info("re-read the %s from %s", self._what, path)
+                self._problem = None
+            except (OSError, ConfigError) as error:
+                # Mid-rotation the file can be briefly absent or empty: keep the last good one.
+                problem = str(error)
+                if problem != self._problem:
+                    log.warning("keeping the previous %s: %s", self._what, problem)
+                self._problem = problem
+            return self._value
+
+
+class _Auth(requests.auth.AuthBase):
+    """Sets Authorization on every request (so a rotated secret file is picked up)."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self._bearer: _Secret | None = None
+        self._basic: tuple[str, _Secret] | None = None
+        if cfg.bearer_token is not None or cfg.bearer_token_file is not None:
+            self._bearer = _Secret(cfg.bearer_token, cfg.bearer_token_file, "bearer token")
+        elif cfg.basic_auth is not None:
+            basic = cfg.basic_auth
+            password = _Secret(basic.password, basic.password_file, "basic auth password")
+            self._basic = (basic.username, password)
+
+    def header(self) -> str | None:
+        if self._bearer is not None:
+            return f"Bearer {self._bearer.get()}"
+        if self._basic is not None:
+            username, password = self._basic
+            raw = f"{username}:{password.get()}".encode()
+            return f"Basic {base64.b64encode(raw).decode('ascii')}"
+        return None
+
+    def secrets(self) -> list[str]:
+        found: list[str] = []
+        if self._bearer is not None:
+            found.append(self._bearer.get())
+        if self._basic is not None:
+            found.append(self._basic[1].get())
+        header = self.header()
+        if header is not None:
+            found.append(header.split(" ", 1)[1])
+        return found
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        header = self.header()
+        if header is not None:
+            request.headers["Authorization"] = header
+        return request
+
+
+_SECRET_HEADER = re.compile(r"auth|token|key|secret|passw|cookie", re.IGNORECASE)
+
+
+def _safe_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    marker = "Failed to establish a new connection: "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text
+
+
+class PrometheusClient:
+    """The Prometheus HTTP API over one :class:`requests.Session`.
+
+    Queries are POSTed as forms (long PromQL never meets URL limits). Connection failures, read
+    timeouts, 429 and 5xx answers are retried ``cfg.retries`` times with exponential backoff
+    (Retry-After honoured on 429/503, capped at one timeout); other 4xx never. Redirects are not
+    followed (a 301/302 would turn the POST into a GET): they fail as ``bad_response`` naming
+    the target. A call can therefore take up to about ``(retries + 1) * timeout`` plus backoff.
+
+    ``on_request(outcome, seconds)`` is called once per API call (all retries included), with
+    ``ok`` or the :class:`UpstreamError` reason.
+    """
+
+    def __init__(
+        self,
+        cfg: UpstreamConfig,
+        *,
+        on_request: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._base = cfg.url.rstrip("/")
+        self._on_request = on_request
+        self._auth = _Auth(cfg)  # reads secret files now: ConfigError at start-up, not later
+        self._insecure = cfg.tls.insecure_skip_verify
+        self._verify: bool | str
+        if self._insecure:
+            self._verify = False
+        elif cfg.tls.ca_file is not None:
+            if not cfg.tls.ca_file.is_file():
+                raise ConfigError(f"{cfg.tls.ca_file}: tls.ca_file is not a readable file")
+            self._verify = str(cfg.tls.ca_file)
+        else:
+            self._verify = True
+        self._timeout = (cfg.timeout, cfg.timeout)
+        self._query_timeout = format_duration(cfg.timeout)
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=_retry(cfg))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.verify = self._verify
+        session.auth = self._auth
+        session.headers["User-Agent"] = f"triton-mig-exporter/{_version()}"
+        session.headers["Accept"] = "application/json"
+        session.headers.update(cfg.headers)
+        self._session = session
+        self._redact_values = [
+            v for k, v in cfg.headers.items() if _SECRET_HEADER.search(k) and len(v) >= 3
+        ]
+
+    # -- public API --
+
+    @property
+    def session(self) -> requests.Session:
+        """The underlying session (tests mount fake transports on it)."""
+        return self._session
+
+    @property
+    def url(self) -> str:
+        """The base URL, without any user:password."""
+        return _safe_url(self._base)
+
+    def instant(self, query: str, at: float) -> QueryResult:
+        """Evaluate ``query`` at ``at`` (Unix seconds): a ``vector`` or ``scalar`` answer."""
+        form = {"query": query, "time": _time(at), "timeout": self._query_timeout}
+        with self._observe():
+            payload = self._call("POST", "/api/v1/query", form, query)
+            return parse_vector(payload, query)
+
+    def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
+        """Evaluate ``query`` over ``[start, end]`` every ``step`` seconds: a ``matrix`` answer."""
+        if step <= 0 or end < start:
+            raise ValueError(f"bad range: start={start} end={end} step={step}")
+        form = {
+            "query": query,
+            "start": _time(start),
+            "end": _time(end),
+            "step": f"{step:.3f}",
+            "timeout": self._query_timeout,
+        }
+        with self._observe():
+            payload = self._call("POST", "/api/v1/query_range", form, query)
+            return parse_matrix(payload, query)
+
+    def label_names(self) -> list[str]:
+        with self._observe("GET /api/v1/labels"):
+            data, _ = parse_envelope(self._call("GET", "/api/v1/labels", None, None))
+            return _string_list(data)
+
+    def label_values(self, name: str, match: list[str] | None = None) -> list[str]:
+        path = f"/api/v1/label/{quote(name, safe='')}/values"
+        params = {"match[]": list(match)} if match else None
+        with self._observe(f"GET {path}"):
+            data, _ = parse_envelope(self._call("GET", path, params, None))
+            return _string_list(data)
+
+    def series(self, match: list[str], start: float, end: float) -> list[dict[str, str]]:
+        if not match:
+            raise ValueError("series() needs at least one match[] selector")
+        form = {"match[]": list(match), "start": _time(start), "end": _time(end)}
+        with self._observe("POST /api/v1/series"):
+            data, _ = parse_envelope(self._call("POST", "/api/v1/series", form, None))
+            if not isinstance(data, list) or not all(
+                isinstance(s, Mapping) and all(type(v) is str for v in s.values()) for s in data
+            ):
+                raise _bad("'data' is not a list of label sets", None)
+            return [dict(s) for s in data]
+
+    def build_info(self) -> dict[str, str]:
+        """``/api/v1/status/buildinfo`` flattened to strings (Mimir's ``features.*`` included)."""
+        with self._observe("GET /api/v1/status/buildinfo"):
+            data, _ = parse_envelope(self._call("GET", "/api/v1/status/buildinfo", None, None))
+            if not isinstance(data, Mapping):
+                raise _bad("'data' is not an object", None)
+            return _flatten(data)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals --
+
+    @contextmanager
+    def _observe(self, endpoint: str | None = None) -> Iterator[None]:
+        """Time one API call and report it to ``on_request``; name ``endpoint`` in errors."""
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            yield
+        except UpstreamError as error:
+            outcome = error.reason
+            if endpoint is not None and error.query is None and error.endpoint is None:
+                raise UpstreamError(
+                    error.reason,
+                    error.detail,
+                    status=error.status,
+                    endpoint=endpoint,
+                    error_type=error.error_type,
+                ) from None
+            raise
+        finally:
+            if self._on_request is not None:
+                try:
+                    self._on_request(outcome, time.monotonic() - started)
+                except Exception:
+                    log.exception("on_request callback failed")
+
+    def _redact(self, text: str) -> str:
+        for secret in [*self._auth.secrets(), *self._redact_values]:
+            if len(secret) >= 3:
+                text = text.replace(secret, "<redacted>")
+        return text
+
+    def _error(
+        self,
+        reason: Reason,
+        detail: str,
+        *,
+        query: str | None,
+        endpoint: str,
+        status: int | None = None,
+        error_type: str | None = None,
+    ) -> UpstreamError:
+        return UpstreamError(
+            reason,
+            self._redact(detail),
+            query=query,
+            status=status,
+            endpoint=endpoint,
+            error_type=error_type,
+        )
+
+    def _call(
+        self, method: str, path: str, fields: Mapping[str, Any] | None, query: str | None
+    ) -> Any:
+        """Send one request (retries included) and return the decoded JSON of a 2xx answer."""
+        url = self._base + path
+        endpoint = f"{method} {path}"
+        started = time.monotonic()
+        silence = warnings.catch_warnings() if self._insecure else nullcontext()
+        try:
+            with silence:
+                if self._insecure:
+                    warnings.simplefilter("ignore", InsecureRequestWarning)
+                response = self._session.request(
+                    method,
+                    url,
+                    data=fields if method == "POST" else None,
+                    params=fields if method != "POST" else None,
+                    timeout=self._timeout,
+                    verify=self._verify,
+                    stream=True,
+                    allow_redirects=False,
+                )
+        except requests.RequestException as error:
+            failure, detail = self._classify(error)
+            raise self._error(failure, detail, query=query, endpoint=endpoint) from None
+        status = response.status_code
+        try:
+            limit = self._cfg.max_response_bytes if status < 300 else _ERROR_BODY_BYTES
+            body = self._read(response, limit, truncate=status >= 300, query=query, path=endpoint)
+        finally:
+            response.close()
+        log.debug(
+            "%s %s -> %d, %d bytes in %.3fs",
+            method,
+            path,
+            status,
+            len(body),
+            time.monotonic() - started,
+        )
+        if 200 <= status < 300:
+            try:
+                return json.loads(body)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise self._error(
+                    "bad_response",
+                    f"HTTP {status} with a body that is not valid JSON ({error}); "
+                    f"body starts {_one_line(body[:80].decode('utf-8', 'replace'), 80)!r}",
+                    query=query,
+                    endpoint=endpoint,
+                    status=status,
+                ) from None
+        if 400 <= status < 600:
+            reason: Reason = "http_4xx" if status < 500 else "http_5xx"
+            detail, error_type = _error_text(body)
+            raise self._error(
+                reason,
+                f"HTTP {status}: {detail}",
+                query=query,
+                endpoint=endpoint,
+                status=status,
+                error_type=error_type,
+            )
+        location = response.headers.get("Location")
+        where = f" to {_safe_url(location)!r}" if location else ""
+        raise self._error(
+            "bad_response",
+            f"unexpected HTTP {status}{where}; point upstream.url at the final address",
+            query=query,
+            endpoint=endpoint,
+            status=status,
+        )
+
+    def _read(
+        self,
+        response: requests.Response,
+        limit: int,
+        *,
+        truncate: bool,
+        query: str | None,
+        path: str,
+    ) -> bytes:
+        declared = response.headers.get("Content-Length", "")
+        if not truncate and declared.isdigit() and int(declared) > limit:
+            raise self._error(
+                "too_large",
+                f"answer of {int(declared)} bytes exceeds max_response_bytes={limit}",
+                query=query,
+                endpoint=path,
+                status=response.status_code,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_content(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    if truncate:
+                        chunks.append(chunk[: limit - (size - len(chunk))])
+                        break
+                    raise self._error(
+                        "too_large",
+                        f"answer exceeds max_response_bytes={limit}",
+                        query=query,
+                        endpoint=path,
+                        status=response.status_code,
+                    )
+                chunks.append(chunk)
+        except requests.RequestException as error:
+            reason, detail = self._classify(error)
+            raise self._error(
+                reason, f"reading the answer: {detail}", query=query, endpoint=path
+            ) from None
+        return b"".join(chunks)
+
+    def _classify(self, error: requests.RequestException) -> tuple[Reason, str]:
+        cause: BaseException | None = error.args[0] if error.args else None
+        if isinstance(cause, MaxRetryError) and cause.reason is not None:
+            cause = cause.reason
+        target = self.url
+        if isinstance(cause, NewConnectionError):
+            return "connection", f"cannot connect to {target}: {_describe(cause)}"
+        if isinstance(cause, ConnectTimeoutError) or isinstance(error, requests.ConnectTimeout):
+            return "timeout", f"no connection to {target} within {self._cfg.timeout:g}s"
+        if isinstance(cause, ReadTimeoutError) or isinstance(error, requests.Timeout):
+            return "timeout", f"no answer from {target} within {self._cfg.timeout:g}s"
+        if isinstance(error, requests.exceptions.SSLError):
+            return "connection", f"TLS error talking to {target}: {_describe(cause or error)}"
+        return (
+            "connection",
+            f"{type(error).__name__} talking to {target}: {_describe(cause or error)}",
+        )
+
+
+def _time(value: float) -> str:
+    if not math.isfinite(value):
+        raise ValueError(f"time must be finite, got {value!r}")
+    return f"{value:.3f}"
+
+
+def _error_text(body: bytes) -> tuple[str, str | None]:
+    """The API's ``errorType: error`` from an error body, or the start of a non-JSON body."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if isinstance(payload, Mapping) and payload.get("status") == "error":
+        error_type = str(payload.get("errorType") or "unknown")
+        return f"{error_type}: {payload.get('error') or 'no error message'}", error_type
+    text = _one_line(body[:200].decode("utf-8", "replace"), 200)
+    return (text or "empty body"), None
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, bool):
+            flat[name] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            flat[name] = str(value)
+        elif value is not None:
+            flat[name] = json.dumps(value)
+    return flat

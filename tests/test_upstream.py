@@ -1,0 +1,1183 @@
+"""Unit tests for exporter.upstream.
+
+Three seams: the pure parse functions; a fake transport adapter mounted on the client's session
+(no sockets); and a scripted ThreadingHTTPServer on 127.0.0.1 for what only a real socket shows
+(urllib3 retries, Retry-After, timeouts, refused connections, TLS, headers on the wire).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import types
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import InsecureRequestWarning
+
+from exporter.config import ConfigError, UpstreamConfig
+from exporter.upstream import (
+    OUTCOMES,
+    REASONS,
+    PrometheusClient,
+    Querier,
+    QueryResult,
+    UpstreamError,
+    parse_envelope,
+    parse_matrix,
+    parse_vector,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
+TOKEN = "s3cr3t-T0ken-do-not-leak"
+PASSWORD = "hunter2-correct-horse"
+
+
+def fixture(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return loaded
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def vector(*series: tuple[dict[str, str], str]) -> dict[str, Any]:
+    result = [{"metric": m, "value": [1700000000.0, v]} for m, v in series]
+    return {"status": "success", "data": {"resultType": "vector", "result": result}}
+
+
+def make_cfg(url: str, **overrides: Any) -> UpstreamConfig:
+    base: dict[str, Any] = {"url": url, "timeout": 2.0, "retries": 2, "backoff": 0.001}
+    base.update(overrides)
+    return UpstreamConfig.model_validate(base)
+
+
+# --- scripted HTTP server -----------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    #: True: the real length; an int: that (false) length; None: no header (close-delimited).
+    content_length: bool | int | None = True
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    params: dict[str, list[str]]
+    form: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+
+
+Script = Answer | Callable[[Seen], Answer]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    script: list[Script]
+    seen: list[Seen]
+    release: threading.Event
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up on a slow answer are expected here
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode() if length else ""
+        parts = urlsplit(self.path)
+        seen = Seen(
+            method=self.command,
+            path=parts.path,
+            params=parse_qs(parts.query),
+            form=parse_qs(raw),
+            headers={k.lower(): v for k, v in self.headers.items()},
+        )
+        server = self.server
+        server.seen.append(seen)
+        script = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+        answer = script(seen) if callable(script) else script
+        if answer.delay:
+            server.release.wait(answer.delay)
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        if answer.content_length is True:
+            self.send_header("Content-Length", str(len(answer.body)))
+        elif answer.content_length is not None and answer.content_length is not False:
+            self.send_header("Content-Length", str(answer.content_length))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client may have given up already
+            self.wfile.write(answer.body)
+
+
+class ScriptedServer:
+    """Replays ``script`` (the last entry repeats) and records every request in ``seen``."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
+        self.httpd.script = [Answer()]
+        self.httpd.seen = []
+        self.httpd.release = threading.Event()
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def answer(self, *script: Script) -> None:
+        self.httpd.script = list(script)
+
+    @property
+    def seen(self) -> list[Seen]:
+        return self.httpd.seen
+
+    def stop(self) -> None:
+        self.httpd.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    srv = ScriptedServer()
+    yield srv
+    srv.stop()
+
+
+ClientFactory = Callable[..., PrometheusClient]
+
+
+@pytest.fixture
+def client_for() -> Iterator[ClientFactory]:
+    made: list[PrometheusClient] = []
+
+    def make(
+        url: str, on_request: Callable[[str, float], None] | None = None, **overrides: Any
+    ) -> PrometheusClient:
+        client = PrometheusClient(make_cfg(url, **overrides), on_request=on_request)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+# --- fake transport -----------------------------------------------------------------------------
+
+
+class FakeTransport(BaseAdapter):
+    """A requests transport that answers from a script and keeps what it was sent."""
+
+    def __init__(self, *script: Answer | Exception) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.sent: list[requests.PreparedRequest] = []
+        self.options: list[dict[str, Any]] = []
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: bool | str = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        self.sent.append(request)
+        self.options.append({"stream": stream, "timeout": timeout, "verify": verify})
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, Exception):
+            raise step
+        response = requests.Response()
+        response.status_code = step.status
+        headers = dict(step.headers)
+        if step.content_length is True:
+            headers["Content-Length"] = str(len(step.body))
+        elif isinstance(step.content_length, int) and step.content_length is not False:
+            headers["Content-Length"] = str(step.content_length)
+        response.headers = CaseInsensitiveDict(headers)
+        response.raw = io.BytesIO(step.body)
+        response.url = request.url or ""
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+FAKE_URL = "http://upstream.test:9009/prometheus"
+
+
+@pytest.fixture
+def fake_for() -> Iterator[Callable[..., tuple[PrometheusClient, FakeTransport]]]:
+    made: list[PrometheusClient] = []
+
+    def make(
+        *script: Answer | Exception,
+        on_request: Callable[[str, float], None] | None = None,
+        **overrides: Any,
+    ) -> tuple[PrometheusClient, FakeTransport]:
+        client = PrometheusClient(make_cfg(FAKE_URL, **overrides), on_request=on_request)
+        transport = FakeTransport(*script)
+        client.session.mount("http://", transport)
+        made.append(client)
+        return client, transport
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def form_of(request: requests.PreparedRequest) -> dict[str, list[str]]:
+    body = request.body
+    text = body.decode() if isinstance(body, bytes) else (body or "")
+    return parse_qs(text)
+
+
+# === pure parsing ===============================================================================
+
+
+def test_vector_fixture_frame_contract() -> None:
+    result = parse_vector(fixture("vector_triton.json"), "q")
+    frame = result.frame
+    assert list(frame.columns) == ["__name__", "model", "pod", "version", "value"]
+    assert frame["value"].dtype == np.float64
+    for name in ("__name__", "model", "pod", "version"):
+        assert pd.api.types.is_string_dtype(frame[name].dtype), name
+    assert frame["model"].tolist() == [
+        "particlenet_aa",
+        "pn_demo",
+        "svj_tch_gnn",
+        "svj_tch_gnn",
+        "pn_demo",
+    ]
+    # a series lacking a label gets "" (never NaN/None)
+    assert frame["version"].tolist() == ["1", "1", "", "2", "1"]
+    assert frame["__name__"].tolist() == ["", "", "", "nv_inference_count", ""]
+    values = frame["value"].tolist()
+    assert values[0] == 12.5
+    assert math.isnan(values[1])
+    assert values[2] == math.inf
+    assert values[3] == -math.inf
+    assert values[4] == pytest.approx(0.000123)
+    assert len(result.warnings) == 1
+    assert "might not be a counter" in result.warnings[0]
+
+
+def test_vector_columns_are_sorted_union_of_labels() -> None:
+    frame = parse_vector(vector(({"b": "1", "a": "x"}, "1"), ({"c": "z"}, "2"))).frame
+    assert list(frame.columns) == ["a", "b", "c", "value"]
+    assert frame.to_dict("list") == {
+        "a": ["x", ""],
+        "b": ["1", ""],
+        "c": ["", "z"],
+        "value": [1.0, 2.0],
+    }
+
+
+def test_vector_irregular_input_takes_the_checked_path_with_same_result() -> None:
+    regular = vector(({"a": "x"}, "1.5"), ({"a": "y"}, "NaN"), ({}, "+Inf"), ({}, "-Inf"))
+    # JSON numbers instead of strings, and read-only mappings: valid, but not the bulk path's shape
+    irregular = {
+        "status": "success",
+        "data": {
+            "resultType": "vector",
+            "result": [
+                {"metric": types.MappingProxyType({"a": "x"}), "value": [1700000000, 1.5]},
+                {"metric": {"a": "y"}, "value": [1700000000.0, "NaN"]},
+                {"metric": {}, "value": [1700000000.0, "+Inf"]},
+                {"metric": {}, "value": [1700000000.0, "-Inf"]},
+            ],
+        },
+    }
+    frame = parse_vector(irregular).frame
+    pd.testing.assert_frame_equal(parse_vector(regular).frame, frame)
+    assert frame["value"].tolist()[2:] == [math.inf, -math.inf]
+
+
+def test_scalar_is_one_row_without_labels() -> None:
+    result = parse_vector(fixture("scalar.json"), "scalar(1)")
+    assert list(result.frame.columns) == ["value"]
+    assert result.frame["value"].tolist() == [42.0]
+    assert result.frame["value"].dtype == np.float64
+    assert result.warnings == ()
+
+
+def test_matrix_fixture_long_frame() -> None:
+    frame = parse_matrix(fixture("matrix_dcgm.json"), "q").frame
+    assert list(frame.columns) == [
+        "GPU_I_ID",
+        "GPU_I_PROFILE",
+        "device",
+        "exported_pod",
+        "instance",
+        "timestamp",
+        "value",
+    ]
+    assert len(frame) == 5
+    assert frame["timestamp"].dtype == np.float64
+    assert frame["value"].dtype == np.float64
+    assert frame["GPU_I_ID"].tolist() == ["2", "2", "2", "9", "9"]
+    assert frame["GPU_I_PROFILE"].tolist() == ["3g.40gb"] * 3 + ["", ""]
+    assert frame["timestamp"].tolist() == [
+        1763990400.0,
+        1763990430.0,
+        1763990460.0,
+        1763990400.0,
+        1763990430.25,
+    ]
+    values = frame["value"].tolist()
+    assert values[:2] == [0.31, 0.35]
+    assert math.isnan(values[2])
+    assert values[3:] == [0.0, 0.001]
+
+
+def test_matrix_series_without_samples_adds_no_rows() -> None:
+    payload = {
+        "status": "success",
+        "data": {
+            "resultType": "matrix",
+            "result": [
+                {"metric": {"a": "x"}, "values": []},
+                {"metric": {"a": "y"}, "values": [[10, "+Inf"], [20, "-Inf"]]},
+            ],
+        },
+    }
+    frame = parse_matrix(payload).frame
+    assert frame["a"].tolist() == ["y", "y"]
+    assert frame["value"].tolist() == [math.inf, -math.inf]
+
+
+def test_matrix_bulk_and_checked_paths_agree() -> None:
+    regular = fixture("matrix_dcgm.json")
+    irregular = json.loads(json.dumps(regular))
+    irregular["data"]["result"][1]["values"][0][1] = 0  # a bare number: checked path
+    pd.testing.assert_frame_equal(parse_matrix(regular).frame, parse_matrix(irregular).frame)
+
+
+@pytest.mark.parametrize(
+    ("parse", "result_type", "columns"),
+    [(parse_vector, "vector", ["value"]), (parse_matrix, "matrix", ["timestamp", "value"])],
+)
+def test_empty_result_has_only_value_columns(
+    parse: Callable[[Mapping[str, Any], str | None], QueryResult],
+    result_type: str,
+    columns: list[str],
+) -> None:
+    payload = {"status": "success", "data": {"resultType": result_type, "result": []}}
+    frame = parse(payload, "absent_metric").frame
+    assert list(frame.columns) == columns
+    assert len(frame) == 0
+    assert all(frame[c].dtype == np.float64 for c in columns)
+
+
+def test_status_error_is_api_error_naming_type_and_text() -> None:
+    payload = {"status": "error", "errorType": "execution", "error": "too many samples"}
+    with pytest.raises(UpstreamError) as caught:
+        parse_vector(payload, "sum(rate(x[5m]))")
+    error = caught.value
+    assert error.reason == "api_error"
+    assert error.error_type == "execution"
+    assert error.query == "sum(rate(x[5m]))"
+    assert error.status is None
+    assert "execution: too many samples" in str(error)
+    assert "sum(rate(x[5m]))" in str(error)
+
+
+def _ok(data: Any) -> dict[str, Any]:
+    return {"status": "success", "data": data}
+
+
+MALFORMED: list[tuple[str, Any, str]] = [
+    ("not an object", [1, 2], "not an object"),
+    ("no status", {"data": {}}, "status is None"),
+    ("no data", {"status": "success"}, "no 'data'"),
+    ("data not object", _ok([1]), "'data' is not an object"),
+    ("no resultType", _ok({"result": []}), "no 'resultType'"),
+    ("no result", _ok({"resultType": "vector"}), "no 'result'"),
+    ("result not list", _ok({"resultType": "vector", "result": {}}), "not a list"),
+    ("item not object", _ok({"resultType": "vector", "result": [1]}), "result[0] is not an"),
+    (
+        "metric not object",
+        _ok({"resultType": "vector", "result": [{"metric": [], "value": [1, "1"]}]}),
+        "result[0].metric is not an object",
+    ),
+    (
+        "value not a pair",
+        _ok({"resultType": "vector", "result": [{"metric": {}, "value": "1"}]}),
+        "result[0].value is not a [timestamp",
+    ),
+    (
+        "value of three",
+        _ok({"resultType": "vector", "result": [{"metric": {}, "value": [1, "2", "3"]}]}),
+        "is not a [timestamp",
+    ),
+    (
+        "value not numeric",
+        _ok(
+            {
+                "resultType": "vector",
+                "result": [
+                    {"metric": {}, "value": [1, "1"]},
+                    {"metric": {}, "value": [1, "twelve"]},
+                ],
+            }
+        ),
+        "result[1].value: could not convert string to float: 'twelve'",
+    ),
+    (
+        "timestamp not numeric",
+        _ok({"resultType": "vector", "result": [{"metric": {}, "value": ["now", "1"]}]}),
+        "timestamp is not a number",
+    ),
+    (
+        "value null",
+        _ok({"resultType": "vector", "result": [{"metric": {}, "value": [1, None]}]}),
+        "not a number: None",
+    ),
+    (
+        "label value not string",
+        _ok({"resultType": "vector", "result": [{"metric": {"gpu": 0}, "value": [1, "1"]}]}),
+        "label 'gpu' has a value that is not a string",
+    ),
+    (
+        "native histogram",
+        _ok({"resultType": "vector", "result": [{"metric": {}, "histogram": [1, {}]}]}),
+        "native histogram",
+    ),
+    (
+        "label clashes with value column",
+        _ok({"resultType": "vector", "result": [{"metric": {"value": "x"}, "value": [1, "1"]}]}),
+        "clash",
+    ),
+    ("warnings not list", {**_ok({"resultType": "vector", "result": []}), "warnings": "w"}, "warn"),
+    ("string result", _ok({"resultType": "string", "result": [1, "x"]}), "'string'"),
+    ("matrix for instant", _ok({"resultType": "matrix", "result": []}), "expected 'vector'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_vector_is_bad_response(payload: Any, fragment: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        parse_vector(payload, "up")
+    assert caught.value.reason == "bad_response"
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("result", "fragment"),
+    [
+        ([{"metric": {}, "values": "x"}], "result[0].values is not a list"),
+        (
+            [{"metric": {}, "values": [[1, "1"]]}, {"metric": {}, "values": [[1, "1"], [2, "x"]]}],
+            "result[1].values[1]",
+        ),
+        ([{"metric": {}, "values": [[1, "1", 3]]}], "result[0].values[0] is not a [timestamp"),
+        ([{"metric": {}, "histograms": [[1, {}]]}], "native histogram"),
+        ([{"metric": {"timestamp": "t"}, "values": [[1, "1"]]}], "clash"),
+    ],
+)
+def test_malformed_matrix_is_bad_response(result: Any, fragment: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        parse_matrix(_ok({"resultType": "matrix", "result": result}), "up[1m]")
+    assert caught.value.reason == "bad_response"
+    assert fragment in str(caught.value)
+
+
+def test_vector_answer_to_range_parse_is_bad_response() -> None:
+    with pytest.raises(UpstreamError, match="expected 'matrix'") as caught:
+        parse_matrix(vector(({}, "1")), "up")
+    assert caught.value.reason == "bad_response"
+
+
+def test_warnings_are_returned_and_logged_once_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    payload = {**vector(({}, "1")), "warnings": ["w-one", "w-two"]}
+    with caplog.at_level(logging.DEBUG, logger="exporter.upstream"):
+        result = parse_vector(payload, "up")
+    assert result.warnings == ("w-one", "w-two")
+    records = [r for r in caplog.records if "w-one" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == logging.DEBUG
+
+
+def test_parse_envelope_returns_data_and_warnings() -> None:
+    data, found = parse_envelope({"status": "success", "data": ["a"], "warnings": ["w"]})
+    assert data == ["a"]
+    assert found == ("w",)
+
+
+def test_error_text_is_one_line_with_truncated_query() -> None:
+    query = 'sum by (model) (\n  rate(nv_inference_count{namespace="triton"}[2m])\n)' + " + 1" * 80
+    error = UpstreamError("http_4xx", "HTTP 400:\nbad_data: parse error", query=query, status=400)
+    text = str(error)
+    assert "\n" not in text
+    assert "(http_4xx)" in text
+    assert "bad_data: parse error" in text
+    assert "sum by (model) ( rate(nv_inference_count" in text
+    shown = text.split("query ", 1)[1].split(" failed", 1)[0]
+    assert len(shown) <= 125  # 120 characters and the quotes
+    assert shown.endswith("...'")
+
+
+def test_reasons_are_the_fixed_label_set() -> None:
+    assert set(REASONS) == {
+        "connection",
+        "timeout",
+        "http_4xx",
+        "http_5xx",
+        "api_error",
+        "bad_response",
+        "too_large",
+    }
+    assert ("ok", *REASONS) == OUTCOMES
+
+
+def test_parse_100k_series_is_fast() -> None:
+    result = [
+        {
+            "metric": {
+                "__name__": "nv_inference_count",
+                "model": f"m{i % 50}",
+                "pod": f"triton-{i}",
+                "instance": f"10.0.{i % 250}.{i % 7}:8002",
+                "version": "1",
+            },
+            "value": [1700000000.0, str(i)],
+        }
+        for i in range(100_000)
+    ]
+    payload = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    started = time.perf_counter()
+    frame = parse_vector(payload, "q").frame
+    elapsed = time.perf_counter() - started
+    assert frame.shape == (100_000, 6)
+    assert frame["value"].iloc[-1] == 99_999.0
+    assert elapsed < 2.0, f"parsing 100k series took {elapsed:.2f}s"
+
+
+# === client over a fake transport ===============================================================
+
+
+def test_instant_posts_form_to_prefixed_endpoint(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, transport = fake_for(Answer(body=fixture_bytes("vector_triton.json")), timeout=10)
+    querier: Querier = client
+    result = querier.instant(
+        'sum by (model) (rate(nv_inference_count{a="b"}[2m]))', 1700000000.1234
+    )
+    assert len(result.frame) == 5
+    (sent,) = transport.sent
+    assert sent.method == "POST"
+    assert sent.url == f"{FAKE_URL}/api/v1/query"
+    assert sent.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert form_of(sent) == {
+        "query": ['sum by (model) (rate(nv_inference_count{a="b"}[2m]))'],
+        "time": ["1700000000.123"],
+        "timeout": ["10s"],
+    }
+    assert sent.headers["User-Agent"].startswith("triton-mig-exporter/")
+    assert transport.options[0]["stream"] is True
+    assert transport.options[0]["timeout"] == (10.0, 10.0)
+
+
+def test_range_posts_start_end_step(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, transport = fake_for(Answer(body=fixture_bytes("matrix_dcgm.json")))
+    result = client.range("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", 1763990400, 1763990460.5, 30)
+    assert list(result.frame.columns)[-2:] == ["timestamp", "value"]
+    (sent,) = transport.sent
+    assert sent.url == f"{FAKE_URL}/api/v1/query_range"
+    assert form_of(sent) == {
+        "query": ["DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"],
+        "start": ["1763990400.000"],
+        "end": ["1763990460.500"],
+        "step": ["30.000"],
+        "timeout": ["2s"],
+    }
+
+
+def test_instant_rejects_a_matrix_answer(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(Answer(body=fixture_bytes("matrix_dcgm.json")))
+    with pytest.raises(UpstreamError, match="expected 'vector'") as caught:
+        client.instant("x[1m]", 1.0)
+    assert caught.value.reason == "bad_response"
+
+
+def test_metadata_endpoints(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, transport = fake_for(
+        Answer(body=fixture_bytes("labels.json")),
+        Answer(body=fixture_bytes("label_values.json")),
+        Answer(body=fixture_bytes("series.json")),
+        Answer(body=fixture_bytes("buildinfo_prometheus.json")),
+        Answer(body=fixture_bytes("buildinfo_mimir.json")),
+    )
+    assert "GPU_I_PROFILE" in client.label_names()
+    assert client.label_values("model", match=['{job="triton"}']) == [
+        "particlenet_aa",
+        "pn_demo",
+        "svj_tch_gnn",
+    ]
+    series = client.series(["nv_inference_count"], 100.0, 200.0)
+    assert series[1]["model"] == "svj_tch_gnn"
+    assert client.build_info()["version"] == "2.42.0+ds"
+    mimir = client.build_info()
+    assert mimir["application"] == "Grafana Mimir"
+    assert mimir["features.query_sharding"] == "false"
+
+    labels, values, series_req, info, _ = transport.sent
+    assert (labels.method, labels.url) == ("GET", f"{FAKE_URL}/api/v1/labels")
+    assert values.method == "GET"
+    assert urlsplit(str(values.url)).path == "/prometheus/api/v1/label/model/values"
+    assert parse_qs(urlsplit(str(values.url)).query) == {"match[]": ['{job="triton"}']}
+    assert (series_req.method, series_req.url) == ("POST", f"{FAKE_URL}/api/v1/series")
+    assert form_of(series_req) == {
+        "match[]": ["nv_inference_count"],
+        "start": ["100.000"],
+        "end": ["200.000"],
+    }
+    assert info.url == f"{FAKE_URL}/api/v1/status/buildinfo"
+
+
+def test_label_values_escapes_the_name(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, transport = fake_for(Answer(body=fixture_bytes("label_values.json")))
+    client.label_values("../admin?x")
+    assert (
+        urlsplit(str(transport.sent[0].url)).path
+        == "/prometheus/api/v1/label/..%2Fadmin%3Fx/values"
+    )
+
+
+def test_metadata_with_wrong_shape_is_bad_response(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(Answer(body=b'{"status":"success","data":[1,2]}'))
+    with pytest.raises(UpstreamError, match="list of strings") as caught:
+        client.label_names()
+    assert caught.value.reason == "bad_response"
+    assert caught.value.query is None
+    assert "GET /api/v1/labels" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"<html>hello</html>", "not valid JSON"),
+        (b'{"status":"success","data":{"resultType":"vec', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+    ],
+    ids=["html", "truncated-json", "empty", "binary"],
+)
+def test_unparseable_body_is_bad_response(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]], body: bytes, fragment: str
+) -> None:
+    client, _ = fake_for(Answer(body=body))
+    with pytest.raises(UpstreamError, match=fragment) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "bad_response"
+    assert caught.value.status == 200
+
+
+def test_redirect_is_not_followed(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, transport = fake_for(
+        Answer(status=302, body=b"", headers={"Location": "https://other.test/api/v1/query"})
+    )
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "bad_response"
+    assert caught.value.status == 302
+    assert "https://other.test/api/v1/query" in str(caught.value)
+    assert len(transport.sent) == 1
+
+
+def test_html_gateway_error_is_http_5xx_with_snippet(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(Answer(status=502, body=b"<html>\n<h1>502 Bad Gateway</h1>\n</html>"))
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "http_5xx"
+    assert caught.value.status == 502
+    assert "HTTP 502: <html> <h1>502 Bad Gateway</h1> </html>" in str(caught.value)
+
+
+@pytest.mark.parametrize("declared", [True, None], ids=["content-length", "streamed"])
+def test_body_over_the_bound_is_too_large(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]], declared: bool | None
+) -> None:
+    body = json.dumps(vector(*[({"i": str(i)}, "1") for i in range(200)])).encode()
+    client, _ = fake_for(
+        Answer(body=body, content_length=declared), max_response_bytes=len(body) - 1
+    )
+    with pytest.raises(UpstreamError, match="max_response_bytes") as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "too_large"
+
+
+def test_body_at_the_bound_is_accepted(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    body = json.dumps(vector(({"i": "1"}, "1"))).encode()
+    client, _ = fake_for(Answer(body=body, content_length=None), max_response_bytes=len(body))
+    assert client.instant("up", 1.0).frame["value"].tolist() == [1.0]
+
+
+def test_on_request_reports_each_call_once(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    calls: list[tuple[str, float]] = []
+    client, _ = fake_for(
+        Answer(body=fixture_bytes("vector_triton.json")),
+        Answer(status=400, body=fixture_bytes("error_bad_data.json")),
+        Answer(body=b"{"),
+        Answer(body=fixture_bytes("labels.json")),
+        on_request=lambda outcome, seconds: calls.append((outcome, seconds)),
+    )
+    client.instant("up", 1.0)
+    for _ in range(2):
+        with pytest.raises(UpstreamError):
+            client.instant("up", 1.0)
+    client.label_names()
+    assert [outcome for outcome, _ in calls] == ["ok", "http_4xx", "bad_response", "ok"]
+    assert all(seconds >= 0 for _, seconds in calls)
+
+
+def test_on_request_failure_does_not_break_the_query(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(outcome: str, seconds: float) -> None:
+        raise RuntimeError("metrics are broken")
+
+    client, _ = fake_for(Answer(body=fixture_bytes("scalar.json")), on_request=broken)
+    assert client.instant("1", 1.0).frame["value"].tolist() == [42.0]
+    assert "on_request callback failed" in caplog.text
+
+
+def test_transport_exception_is_connection(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(requests.exceptions.ConnectionError("boom"))
+    with pytest.raises(UpstreamError, match="boom") as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "connection"
+
+
+def test_tls_verify_default_ca_file_and_insecure(
+    tmp_path: Path,
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # requests lets REQUESTS_CA_BUNDLE override session.verify unless verify is passed per request
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "env-bundle.pem"))
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    answer = Answer(body=fixture_bytes("scalar.json"))
+    default, default_t = fake_for(answer)
+    with_ca, with_ca_t = fake_for(answer, tls={"ca_file": str(bundle)})
+    insecure, insecure_t = fake_for(answer, tls={"insecure_skip_verify": True})
+    assert default.session.verify is True
+    assert with_ca.session.verify == str(bundle)
+    assert insecure.session.verify is False
+    for client in (default, with_ca, insecure):
+        client.instant("1", 1.0)
+    assert with_ca_t.options[0]["verify"] == str(bundle)
+    assert insecure_t.options[0]["verify"] is False
+    assert default_t.options[0]["verify"] in (True, str(tmp_path / "env-bundle.pem"))
+
+
+def test_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ca_file"):
+        PrometheusClient(make_cfg(FAKE_URL, tls={"ca_file": str(tmp_path / "nope.pem")}))
+
+
+@pytest.mark.parametrize("content", [None, "\n"], ids=["missing", "empty"])
+def test_unusable_token_file_is_a_config_error(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=str(path)):
+        PrometheusClient(make_cfg(FAKE_URL, bearer_token_file=str(path)))
+
+
+def test_context_manager_closes_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[bool] = []
+    with PrometheusClient(make_cfg(FAKE_URL)) as client:
+        monkeypatch.setattr(client.session, "close", lambda: closed.append(True))
+    assert closed == [True]
+
+
+# === client over a real socket ==================================================================
+
+
+def test_path_prefix_is_kept(server: ScriptedServer, client_for: ClientFactory) -> None:
+    client = client_for(server.url + "/prometheus/")
+    client.instant("up", 1.5)
+    (seen,) = server.seen
+    assert (seen.method, seen.path) == ("POST", "/prometheus/api/v1/query")
+    assert seen.form == {"query": ["up"], "time": ["1.500"], "timeout": ["2s"]}
+    assert seen.headers["user-agent"].startswith("triton-mig-exporter/")
+    assert "authorization" not in seen.headers
+
+
+def test_bad_query_400_is_not_retried(server: ScriptedServer, client_for: ClientFactory) -> None:
+    server.answer(Answer(status=400, body=fixture_bytes("error_bad_data.json")))
+    client = client_for(server.url, retries=3)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("sum(rate(x[5m])))", 1.0)
+    error = caught.value
+    assert len(server.seen) == 1
+    assert (error.reason, error.status, error.error_type) == ("http_4xx", 400, "bad_data")
+    assert "unexpected right parenthesis" in str(error)
+    assert "sum(rate(x[5m])))" in str(error)
+
+
+@pytest.mark.parametrize("status", [413, 422])
+def test_other_4xx_are_not_retried_even_with_retry_after(
+    server: ScriptedServer, client_for: ClientFactory, status: int
+) -> None:
+    server.answer(Answer(status=status, body=b"no", headers={"Retry-After": "0"}))
+    client = client_for(server.url, retries=3)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "http_4xx"
+    assert len(server.seen) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_5xx_retried_up_to_the_bound_then_raised(
+    server: ScriptedServer, client_for: ClientFactory, status: int
+) -> None:
+    server.answer(Answer(status=status, body=fixture_bytes("error_timeout.json")))
+    calls: list[str] = []
+    client = client_for(server.url, retries=2, on_request=lambda o, s: calls.append(o))
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert len(server.seen) == 3  # first try + 2 retries
+    assert (caught.value.reason, caught.value.status) == ("http_5xx", status)
+    assert "timeout: query timed out in expression evaluation" in str(caught.value)
+    assert calls == ["http_5xx"]
+
+
+def test_5xx_then_success(server: ScriptedServer, client_for: ClientFactory) -> None:
+    server.answer(
+        Answer(status=503, body=b"busy"), Answer(body=fixture_bytes("vector_triton.json"))
+    )
+    client = client_for(server.url, retries=1)
+    assert len(client.instant("up", 1.0).frame) == 5
+    assert len(server.seen) == 2
+    assert server.seen[0].form == server.seen[1].form  # the POST body is resent
+
+
+def test_no_retries_configured_means_one_request(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    server.answer(Answer(status=503, body=b"busy"))
+    client = client_for(server.url, retries=0)
+    with pytest.raises(UpstreamError, match="HTTP 503: busy"):
+        client.instant("up", 1.0)
+    assert len(server.seen) == 1
+
+
+def test_429_with_retry_after_zero_is_retried(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    server.answer(
+        Answer(status=429, body=b"slow down", headers={"Retry-After": "0"}),
+        Answer(body=fixture_bytes("scalar.json")),
+    )
+    client = client_for(server.url, retries=2, backoff=0)
+    assert client.instant("1", 1.0).frame["value"].tolist() == [42.0]
+    assert len(server.seen) == 2
+
+
+def test_429_exhausted_is_http_4xx(server: ScriptedServer, client_for: ClientFactory) -> None:
+    server.answer(Answer(status=429, body=b"slow down", headers={"Retry-After": "0"}))
+    client = client_for(server.url, retries=2)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert (caught.value.reason, caught.value.status) == ("http_4xx", 429)
+    assert len(server.seen) == 3
+
+
+def test_get_endpoints_are_retried_too(server: ScriptedServer, client_for: ClientFactory) -> None:
+    server.answer(Answer(status=502, body=b""), Answer(body=fixture_bytes("labels.json")))
+    client = client_for(server.url, retries=1)
+    assert "model" in client.label_names()
+    assert [s.method for s in server.seen] == ["GET", "GET"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_connection_refused(client_for: ClientFactory) -> None:
+    calls: list[str] = []
+    client = client_for(
+        f"http://127.0.0.1:{_free_port()}/prometheus",
+        retries=1,
+        on_request=lambda o, s: calls.append(o),
+    )
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "connection"
+    assert caught.value.status is None
+    assert "cannot connect to http://127.0.0.1" in str(caught.value)
+    assert calls == ["connection"]
+
+
+def test_slow_server_is_timeout(server: ScriptedServer, client_for: ClientFactory) -> None:
+    server.answer(Answer(delay=1.5))
+    client = client_for(server.url, timeout=0.25, retries=1)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    elapsed = time.monotonic() - started
+    assert caught.value.reason == "timeout"
+    assert "within 0.25s" in str(caught.value)
+    assert len(server.seen) == 2  # a read timeout is retried like any idempotent query
+    assert elapsed < 1.2
+
+
+def test_real_body_over_the_bound_is_too_large(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    body = json.dumps(vector(*[({"pod": f"p{i}"}, "1") for i in range(5000)])).encode()
+    server.answer(Answer(body=body, content_length=None))
+    client = client_for(server.url, max_response_bytes=100_000)
+    assert len(body) > 100_000
+    with pytest.raises(UpstreamError, match="max_response_bytes=100000") as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "too_large"
+
+
+def test_cut_transfer_is_connection(server: ScriptedServer, client_for: ClientFactory) -> None:
+    server.answer(Answer(body=b'{"status":"success","da', content_length=4000))
+    client = client_for(server.url, retries=0)
+    with pytest.raises(UpstreamError, match="reading the answer") as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "connection"
+
+
+def test_bearer_token_inline_and_extra_headers(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    server.answer(Answer(), Answer(body=fixture_bytes("label_values.json")))
+    client = client_for(
+        server.url, bearer_token=TOKEN, headers={"X-Scope-OrgID": "tenant-a|tenant-b"}
+    )
+    client.instant("up", 1.0)
+    client.label_values("model")
+    assert len(server.seen) == 2
+    for seen in server.seen:
+        assert seen.headers["authorization"] == f"Bearer {TOKEN}"
+        assert seen.headers["x-scope-orgid"] == "tenant-a|tenant-b"
+
+
+def test_bearer_token_file_rotation_is_picked_up(
+    tmp_path: Path, server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("first-token\n")
+    client = client_for(server.url, bearer_token_file=str(path))
+    client.instant("up", 1.0)
+    path.write_text("second-token-longer\n")
+    client.instant("up", 1.0)
+    # a Kubernetes-style swap: a new file renamed over the old one, same size
+    swapped = tmp_path / "token.new"
+    swapped.write_text("third--token-longer\n")
+    os.replace(swapped, path)
+    client.instant("up", 1.0)
+    path.unlink()  # mid-rotation gap: keep using the last good token
+    client.instant("up", 1.0)
+    assert [s.headers["authorization"] for s in server.seen] == [
+        "Bearer first-token",
+        "Bearer second-token-longer",
+        "Bearer third--token-longer",
+        "Bearer third--token-longer",
+    ]
+
+
+def test_basic_auth_with_password_file(
+    tmp_path: Path, server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    path = tmp_path / "password"
+    path.write_text(PASSWORD + "\n")
+    client = client_for(server.url, basic_auth={"username": "exporter", "password_file": str(path)})
+    client.build_info()
+    expected = base64.b64encode(f"exporter:{PASSWORD}".encode()).decode()
+    assert server.seen[0].headers["authorization"] == f"Basic {expected}"
+
+
+def test_basic_auth_inline(server: ScriptedServer, client_for: ClientFactory) -> None:
+    client = client_for(server.url, basic_auth={"username": "u", "password": "p@ss:word"})
+    client.instant("up", 1.0)
+    expected = base64.b64encode(b"u:p@ss:word").decode()
+    assert server.seen[0].headers["authorization"] == f"Basic {expected}"
+
+
+@pytest.mark.parametrize(
+    ("auth", "secrets"),
+    [
+        ({"bearer_token": TOKEN}, [TOKEN]),
+        (
+            {"basic_auth": {"username": "u", "password": PASSWORD}},
+            [PASSWORD, base64.b64encode(f"u:{PASSWORD}".encode()).decode()],
+        ),
+        ({"headers": {"X-Api-Key": TOKEN}}, [TOKEN]),
+    ],
+    ids=["bearer", "basic", "api-key-header"],
+)
+def test_credentials_never_in_errors_or_logs(
+    server: ScriptedServer,
+    client_for: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+    auth: dict[str, Any],
+    secrets: list[str],
+) -> None:
+    def echo_credentials(seen: Seen) -> Answer:
+        sent = [seen.headers.get("authorization"), seen.headers.get("x-api-key")]
+        error = f"invalid credentials: {sent}"
+        body = json.dumps({"status": "error", "errorType": "unauthorized", "error": error})
+        return Answer(status=401, body=body.encode())
+
+    server.answer(echo_credentials)
+    caplog.set_level(logging.DEBUG)
+    client = client_for(server.url, **auth)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    error = caught.value
+    assert error.reason == "http_4xx"
+    assert "<redacted>" in str(error)
+    # a failure that is not from the server: also clean
+    refused = client_for(f"http://127.0.0.1:{_free_port()}", retries=0, **auth)
+    with pytest.raises(UpstreamError) as refused_error:
+        refused.instant("up", 1.0)
+    logging.getLogger("test").error("failed: %s / %r", error, refused_error.value)
+    for secret in secrets:
+        assert secret not in str(error)
+        assert secret not in repr(error)
+        assert secret not in str(refused_error.value)
+        assert secret not in caplog.text
+    assert caplog.text  # debug logging really was captured
+
+
+# --- TLS over a real socket ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    command = (
+        f"{openssl} req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        f" -keyout {key} -out {cert} -days 2 -subj /CN=127.0.0.1"
+        " -addext subjectAltName=IP:127.0.0.1"
+    )
+    subprocess.run(command.split(), check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(certificate: tuple[Path, Path]) -> Iterator[ScriptedServer]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    srv = ScriptedServer(tls=context)
+    srv.answer(Answer(body=fixture_bytes("scalar.json")))
+    yield srv
+    srv.stop()
+
+
+def test_tls_verified_by_default(tls_server: ScriptedServer, client_for: ClientFactory) -> None:
+    client = client_for(tls_server.url, retries=0)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("1", 1.0)
+    assert caught.value.reason == "connection"
+    assert "TLS error" in str(caught.value)
+
+
+def test_tls_with_ca_file(
+    tls_server: ScriptedServer, client_for: ClientFactory, certificate: tuple[Path, Path]
+) -> None:
+    client = client_for(tls_server.url, tls={"ca_file": str(certificate[0])})
+    assert client.instant("1", 1.0).frame["value"].tolist() == [42.0]
+
+
+def test_tls_insecure_skip_verify_silences_warning_only_inside(
+    tls_server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    client = client_for(tls_server.url, tls={"insecure_skip_verify": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert client.instant("1", 1.0).frame["value"].tolist() == [42.0]
+        assert not [w for w in caught if issubclass(w.category, InsecureRequestWarning)]
+        # the filter was scoped to the request: the same warning outside still shows
+        warnings.warn("outside", InsecureRequestWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["outside"]
