@@ -1,0 +1,268 @@
+"""Publishing: derived tables become an immutable snapshot, rendered once per cycle.
+
+A scrape never waits for a cycle and never sees half of one: the worker builds a new
+:class:`Snapshot` and swaps it in with one assignment; readers take a reference and work from
+it. The exposition bytes (plain and gzip) of each family are rendered when the snapshot is built,
+so serving ``/metrics`` costs a concatenation, whatever the number of scrapes.
+
+A family whose computation failed this cycle keeps its last good rendering until that is older
+than the staleness bound; then it is withdrawn, as every family is when the upstream is gone.
+"""
+
+from __future__ import annotations
+
+import gzip
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import pandas as pd
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from exporter import __version__, catalog
+from exporter.derive import VALUE, DeriveError
+from exporter.upstream import OUTCOMES
+
+PREFIX = "triton_mig_exporter_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class RenderedFamily:
+    """One derived family, built and rendered in the cycle that computed it."""
+
+    name: str
+    metric: Metric
+    body: bytes
+    body_gzip: bytes
+    series: int
+    computed_at: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a scrape needs, never mutated after construction."""
+
+    families: Mapping[str, RenderedFamily] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    #: Wall-clock time the latest cycle finished, good or not.
+    cycle_at: float | None = None
+    #: Whether every base query of the latest cycle answered.
+    cycle_good: bool = False
+    #: Wall-clock time of the latest good cycle and the evaluation instant it used.
+    good_at: float | None = None
+    evaluated_at: float | None = None
+
+
+class _One:
+    """A registry stand-in holding one family, for generate_latest."""
+
+    def __init__(self, metric: Metric) -> None:
+        self._metric = metric
+
+    def collect(self) -> Iterable[Metric]:
+        return (self._metric,)
+
+
+def build_family(series: catalog.Series, labels: tuple[str, ...], table: pd.DataFrame) -> Metric:
+    family = GaugeMetricFamily(series.name, f"{series.help} Unit: {series.unit}.", labels=labels)
+    columns = [table[label].astype(str).tolist() for label in labels]
+    values = table[VALUE].astype(float).tolist()
+    for i, value in enumerate(values):
+        family.add_metric([column[i] for column in columns], value)
+    return family
+
+
+def render_family(
+    series: catalog.Series, labels: tuple[str, ...], table: pd.DataFrame, now: float
+) -> RenderedFamily:
+    metric = build_family(series, labels, table)
+    body = generate_latest(_One(metric))
+    # Separate gzip members concatenate into one valid gzip stream (RFC 1952 section 2.2).
+    return RenderedFamily(
+        series.name, metric, body, gzip.compress(body, 6, mtime=0), len(table), now
+    )
+
+
+class Publisher:
+    """Holds the current snapshot; the worker publishes, scrapes read."""
+
+    def __init__(self, staleness: float, clock: Callable[[], float] = time.time) -> None:
+        self.staleness = staleness
+        self.clock = clock
+        self.snapshot = Snapshot()
+
+    def publish(
+        self,
+        derived: Mapping[str, pd.DataFrame | DeriveError],
+        labels: Mapping[str, tuple[str, ...]],
+        evaluated_at: float,
+        good: bool,
+    ) -> Snapshot:
+        now = self.clock()
+        previous = self.snapshot
+        families: dict[str, RenderedFamily] = {}
+        for series in catalog.SERIES:
+            result = derived.get(series.name)
+            if isinstance(result, pd.DataFrame):
+                families[series.name] = render_family(series, labels[series.name], result, now)
+            elif series.name in previous.families:
+                families[series.name] = previous.families[series.name]
+        snapshot = Snapshot(
+            families=MappingProxyType(families),
+            cycle_at=now,
+            cycle_good=good,
+            good_at=now if good else previous.good_at,
+            evaluated_at=evaluated_at if good else previous.evaluated_at,
+        )
+        self.snapshot = snapshot  # the one assignment readers observe
+        return snapshot
+
+    def fresh(self, snapshot: Snapshot, now: float) -> list[RenderedFamily]:
+        return [
+            family
+            for family in snapshot.families.values()
+            if now - family.computed_at <= self.staleness
+        ]
+
+    def upstream_up(self, snapshot: Snapshot, now: float) -> bool:
+        return (
+            snapshot.cycle_good
+            and snapshot.cycle_at is not None
+            and now - snapshot.cycle_at <= self.staleness
+        )
+
+    def ready(self, snapshot: Snapshot, now: float) -> bool:
+        return snapshot.good_at is not None and now - snapshot.good_at <= self.staleness
+
+    def derived_body(self, gzipped: bool = False) -> bytes:
+        snapshot = self.snapshot
+        families = self.fresh(snapshot, self.clock())
+        return b"".join(f.body_gzip if gzipped else f.body for f in families)
+
+
+class SnapshotCollector(Collector):
+    """A prometheus-client collector over the publisher's current snapshot (no I/O)."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        publisher = self._publisher
+        for family in publisher.fresh(publisher.snapshot, publisher.clock()):
+            yield family.metric
+
+
+class _StateCollector(Collector):
+    """Self-metrics read off the snapshot at scrape time."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        publisher = self._publisher
+        snapshot = publisher.snapshot
+        now = publisher.clock()
+        yield GaugeMetricFamily(
+            PREFIX + "upstream_up",
+            "1 when the latest cycle got an answer to every upstream query and is not stale.",
+            value=1.0 if publisher.upstream_up(snapshot, now) else 0.0,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "last_success_timestamp_seconds",
+            "Unix time the latest good cycle finished (0 before the first).",
+            value=snapshot.good_at or 0.0,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "last_evaluation_timestamp_seconds",
+            "The evaluation instant (now - eval_delay, aligned) of the latest good cycle.",
+            value=snapshot.evaluated_at or 0.0,
+        )
+        fresh = {family.name: family.series for family in publisher.fresh(snapshot, now)}
+        published = GaugeMetricFamily(
+            PREFIX + "series",
+            "Series published per derived family (0 when withdrawn).",
+            labels=["family"],
+        )
+        for series in catalog.SERIES:
+            published.add_metric([series.name], float(fresh.get(series.name, 0)))
+        yield published
+
+
+class SelfMetrics:
+    """The exporter's own instrumentation, all present from start-up."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Gauge(
+            PREFIX + "build_info",
+            "Build information; always 1.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.cycle_duration = Histogram(
+            PREFIX + "cycle_duration_seconds",
+            "Wall time of one cycle: upstream queries, derivation and rendering.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.cycles = Counter(
+            PREFIX + "cycles", "Cycles run, by outcome.", ["outcome"], registry=r
+        )
+        self.cycles_missed = Counter(
+            PREFIX + "cycles_missed",
+            "Scheduled cycles skipped because the previous one was still running or late.",
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            PREFIX + "upstream_requests",
+            "Upstream HTTP API requests, by outcome (ok or the error reason).",
+            ["outcome"],
+            registry=r,
+        )
+        self.upstream_request_duration = Histogram(
+            PREFIX + "upstream_request_duration_seconds",
+            "Upstream HTTP API request time, retries included.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.upstream_warnings = Counter(
+            PREFIX + "upstream_warnings",
+            "Warnings the upstream returned with query results.",
+            registry=r,
+        )
+        self.family_errors = Counter(
+            PREFIX + "family_errors",
+            "Derived families that could not be computed in a cycle, by family.",
+            ["family"],
+            registry=r,
+        )
+        for outcome in ("success", "partial", "failure"):
+            self.cycles.labels(outcome)
+        for outcome in OUTCOMES:
+            self.upstream_requests.labels(outcome)
+        for series in catalog.SERIES:
+            self.family_errors.labels(series.name)
+        r.register(_StateCollector(publisher))
+
+    def observe_request(self, outcome: str, seconds: float) -> None:
+        self.upstream_requests.labels(outcome).inc()
+        self.upstream_request_duration.observe(seconds)
+
+    def body(self, gzipped: bool = False) -> bytes:
+        body = generate_latest(self.registry)
+        return gzip.compress(body, 6, mtime=0) if gzipped else body

@@ -1,0 +1,194 @@
+"""The cycle: query the upstream at one pinned instant, derive, publish. And its schedule.
+
+One cycle at a time: APScheduler runs the job with ``max_instances=1`` and ``coalesce=True``,
+so a slow cycle makes the scheduler skip ticks (counted as missed) instead of queueing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from exporter import catalog, derive
+from exporter.catalog import Selectors
+from exporter.config import Config
+from exporter.publish import Publisher, SelfMetrics
+from exporter.upstream import Querier, UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_time(now: float, eval_delay: float, interval: float) -> float:
+    """``now - eval_delay`` truncated to the interval, as rule evaluators align it."""
+    return math.floor((now - eval_delay) / interval) * interval
+
+
+@dataclass
+class CycleReport:
+    evaluated_at: float
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    query_errors: dict[str, UpstreamError] = field(default_factory=dict)
+    derived: dict[str, pd.DataFrame | derive.DeriveError] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def good(self) -> bool:
+        return not self.query_errors
+
+    @property
+    def outcome(self) -> str:
+        if not self.query_errors:
+            return "success"
+        return "failure" if not self.frames else "partial"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {k: v for k, v in self.derived.items() if isinstance(v, pd.DataFrame)}
+
+
+def query_base(querier: Querier, sel: Selectors, at: float, report: CycleReport) -> None:
+    """Run every base query at ``at``; failures are recorded per query, never raised."""
+    for query in catalog.BASE_QUERIES:
+        try:
+            result = querier.instant(query.promql(sel), at)
+        except UpstreamError as error:
+            report.query_errors[query.name] = error
+            continue
+        report.frames[query.name] = result.frame
+        report.warnings.extend(result.warnings)
+
+
+def series_labels(sel: Selectors) -> dict[str, tuple[str, ...]]:
+    return {s.name: s.labels(sel) for s in catalog.SERIES}
+
+
+def compute(querier: Querier, sel: Selectors, at: float) -> CycleReport:
+    """One cycle's figures at instant ``at`` (no publishing): what ``once`` prints."""
+    started = time.monotonic()
+    report = CycleReport(evaluated_at=at)
+    query_base(querier, sel, at, report)
+    report.derived = derive.derive_all(report.frames, sel)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+class Worker:
+    """Runs cycles against one upstream and publishes them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        querier: Querier,
+        publisher: Publisher,
+        metrics: SelfMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.sel = Selectors.from_config(cfg)
+        self.labels = series_labels(self.sel)
+        self.querier = querier
+        self.publisher = publisher
+        self.metrics = metrics
+        self.clock = clock
+        self._scheduler: BackgroundScheduler | None = None
+        self._last_failure: str | None = None
+
+    def run_cycle(self) -> CycleReport:
+        ev = self.cfg.evaluation
+        started = time.monotonic()
+        at = evaluation_time(self.clock(), ev.eval_delay, ev.interval)
+        report = compute(self.querier, self.sel, at)
+        self.publisher.publish(report.derived, self.labels, at, report.good)
+        report.seconds = time.monotonic() - started
+        self._account(report)
+        return report
+
+    def _account(self, report: CycleReport) -> None:
+        m = self.metrics
+        m.cycle_duration.observe(report.seconds)
+        m.cycles.labels(report.outcome).inc()
+        if report.warnings:
+            m.upstream_warnings.inc(len(report.warnings))
+        for name, result in report.derived.items():
+            if isinstance(result, derive.DeriveError):
+                m.family_errors.labels(name).inc()
+        if report.query_errors:
+            first = next(iter(report.query_errors.values()))
+            line = (
+                f"cycle {report.outcome}: {len(report.query_errors)} of "
+                f"{len(catalog.BASE_QUERIES)} upstream queries failed ({first.reason}): {first}"
+            )
+            # One line per change of state, not one per cycle while the upstream stays down.
+            if line != self._last_failure:
+                log.warning(line)
+            self._last_failure = line
+        else:
+            if self._last_failure is not None:
+                log.info("cycle success: upstream answered every query again")
+            self._last_failure = None
+            broken = [n for n, r in report.derived.items() if isinstance(r, derive.DeriveError)]
+            if broken:
+                log.warning("families not computed: %s", ", ".join(broken))
+
+    def _safe_cycle(self) -> None:
+        try:
+            self.run_cycle()
+        except Exception:  # the schedule must survive anything a cycle raises
+            log.exception("cycle crashed")
+            self.metrics.cycles.labels("failure").inc()
+
+    def _on_missed(self, event: JobExecutionEvent) -> None:
+        self.metrics.cycles_missed.inc()
+
+    def start(self) -> None:
+        scheduler = BackgroundScheduler(
+            executors={"default": {"type": "threadpool", "max_workers": 1}},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone="UTC",
+        )
+        scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        interval = self.cfg.evaluation.interval
+        scheduler.add_job(
+            self._safe_cycle,
+            "interval",
+            seconds=interval,
+            next_run_time=_utcnow(),
+            misfire_grace_time=max(1, int(interval / 2)),
+            id="cycle",
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            # Do not wait for a running cycle: its requests time out on their own, and the
+            # process is leaving.
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+
+def _utcnow() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def exposition(report: CycleReport, labels: Mapping[str, tuple[str, ...]]) -> bytes:
+    """The derived families of one report as exposition text (``once``)."""
+    from exporter.publish import render_family
+
+    now = time.time()
+    parts = []
+    for series in catalog.SERIES:
+        table = report.derived.get(series.name)
+        if isinstance(table, pd.DataFrame):
+            parts.append(render_family(series, labels[series.name], table, now).body)
+    return b"".join(parts)

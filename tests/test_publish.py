@@ -1,0 +1,183 @@
+"""publish + worker: snapshots, staleness, self-metrics, one cycle against a fake upstream."""
+
+from __future__ import annotations
+
+import gzip
+
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import catalog, config
+from exporter.catalog import Selectors
+from exporter.publish import Publisher, SelfMetrics, SnapshotCollector
+from exporter.upstream import QueryResult, UpstreamError
+from exporter.web import App
+from exporter.worker import Worker, evaluation_time
+
+CFG = config.load(None, environ={})
+SEL = Selectors.from_config(CFG)
+TRITON = pd.DataFrame(
+    [("a", "1", "p1", "r0", 2.0), ("b", "1", "p2", "r0", 1.0)],
+    columns=["model", "version", "pod", "prometheus_replica", "value"])
+SLICES = pd.DataFrame(
+    [("h1:9400", "nvidia0", "1", "3g.40gb", "p1", "r0", 0.5)],
+    columns=["instance", "device", "GPU_I_ID", "GPU_I_PROFILE", "exported_pod",
+             "prometheus_replica", "value"])
+
+
+class FakeUpstream:
+    """A Querier answering each base query with a fixed frame, or failing on request."""
+
+    def __init__(self) -> None:
+        self.frames = {q.promql(SEL): (TRITON if q.source is catalog.Source.TRITON else SLICES)
+                       for q in catalog.BASE_QUERIES}
+        self.failing: set[str] = set()
+        self.calls: list[tuple[str, float]] = []
+
+    def instant(self, query: str, at: float) -> QueryResult:
+        self.calls.append((query, at))
+        if "*" in self.failing or any(name in query for name in self.failing):
+            raise UpstreamError("connection", "connection refused", query=query)
+        return QueryResult(self.frames[query], ())
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(now: float = 1_000_000.0) -> tuple[Worker, FakeUpstream, Publisher, SelfMetrics, Clock]:
+    clock = Clock(now)
+    publisher = Publisher(CFG.evaluation.staleness_bound, clock)
+    metrics = SelfMetrics(publisher)
+    upstream = FakeUpstream()
+    return Worker(CFG, upstream, publisher, metrics, clock), upstream, publisher, metrics, clock
+
+
+def parse(body: bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_evaluation_time_is_delayed_and_aligned() -> None:
+    assert evaluation_time(1000.0, 0, 30) == 990.0
+    assert evaluation_time(1000.0, 60, 30) == 930.0
+    assert evaluation_time(990.0, 0, 30) == 990.0
+
+
+def test_one_cycle_queries_a_fixed_set_at_one_instant_and_publishes_every_family() -> None:
+    worker, upstream, publisher, metrics, clock = make()
+    report = worker.run_cycle()
+    assert len(upstream.calls) == len(catalog.BASE_QUERIES)
+    assert {at for _, at in upstream.calls} == {evaluation_time(clock.now, 0, 30)}
+    assert report.good
+    body = App(publisher, metrics).metrics_body(gzipped=False)
+    samples = parse(body)
+    for series in catalog.SERIES:
+        assert series.name in samples or series.name.replace(":", "_") in str(samples.keys()) \
+            or series.name in body.decode(), series.name
+    assert samples[":nv_inference_count:rate"][()] == 3.0
+    assert samples["model_version:nv_inference_count:rate"][(("model", "a"), ("version", "1"))] \
+        == 2.0
+    assert samples["triton_mig_exporter_upstream_up"][()] == 1.0
+    assert samples["triton_mig_exporter_cycles_total"][(("outcome", "success"),)] == 1.0
+
+
+def test_gzip_body_is_the_same_exposition() -> None:
+    worker, _, publisher, metrics, _ = make()
+    worker.run_cycle()
+    app = App(publisher, metrics)
+    plain = app.metrics_body(gzipped=False)
+    assert gzip.decompress(app.metrics_body(gzipped=True)) == plain
+
+
+def test_snapshot_collector_yields_what_is_served() -> None:
+    worker, _, publisher, _, _ = make()
+    worker.run_cycle()
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(publisher))
+    assert generate_latest(registry) == publisher.derived_body()
+
+
+def test_self_metrics_exist_before_the_first_cycle() -> None:
+    _, _, publisher, metrics, _ = make()
+    samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
+    assert samples["triton_mig_exporter_upstream_up"][()] == 0.0
+    assert samples["triton_mig_exporter_cycles_missed_total"][()] == 0.0
+    assert samples["triton_mig_exporter_upstream_requests_total"][(("outcome", "timeout"),)] == 0
+    errors = samples["triton_mig_exporter_family_errors_total"]
+    assert len(errors) == len(catalog.SERIES)
+    assert ":nv_inference_count:rate" not in samples
+    assert not App(publisher, metrics).ready()
+
+
+def test_failed_upstream_keeps_figures_until_stale_then_withdraws_them() -> None:
+    worker, upstream, publisher, metrics, clock = make()
+    app = App(publisher, metrics)
+    worker.run_cycle()
+    upstream.failing = {"*"}
+    clock.now += 30
+    worker.run_cycle()
+    samples = parse(app.metrics_body(gzipped=False))
+    assert samples["triton_mig_exporter_upstream_up"][()] == 0.0
+    assert samples[":nv_inference_count:rate"][()] == 3.0  # within the staleness bound
+    assert app.ready()
+    clock.now += 61  # 91 s after the last good cycle: past 3 x 30 s
+    worker.run_cycle()
+    samples = parse(app.metrics_body(gzipped=False))
+    assert ":nv_inference_count:rate" not in samples
+    assert samples["triton_mig_exporter_series"][(("family", ":nv_inference_count:rate"),)] == 0
+    assert not app.ready()
+    assert samples["triton_mig_exporter_cycles_total"][(("outcome", "failure"),)] == 2.0
+    upstream.failing = set()
+    clock.now += 30
+    worker.run_cycle()
+    samples = parse(app.metrics_body(gzipped=False))
+    assert samples[":nv_inference_count:rate"][()] == 3.0
+    assert samples["triton_mig_exporter_upstream_up"][()] == 1.0
+
+
+def test_one_failing_query_fails_only_its_families() -> None:
+    worker, upstream, publisher, metrics, _ = make()
+    upstream.failing = {"DCGM_FI_PROF_DRAM_ACTIVE"}
+    report = worker.run_cycle()
+    assert report.outcome == "partial"
+    samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
+    assert "gpu_instance:dcgm_dram_active:avg" not in samples
+    assert ":dcgm_tensor_active:sum" in samples
+    errors = samples["triton_mig_exporter_family_errors_total"]
+    assert errors[(("family", "gpu_instance:dcgm_dram_active:avg"),)] == 1.0
+    assert errors[(("family", ":dcgm_tensor_active:sum"),)] == 0.0
+
+
+def test_vanished_series_vanish_in_the_next_cycle() -> None:
+    worker, upstream, publisher, metrics, _ = make()
+    worker.run_cycle()
+    only_a = TRITON[TRITON["model"] == "a"]
+    for q in catalog.BASE_QUERIES:
+        if q.source is catalog.Source.TRITON:
+            upstream.frames[q.promql(SEL)] = only_a
+    worker.run_cycle()
+    body = App(publisher, metrics).metrics_body(gzipped=False).decode()
+    assert 'model="a"' in body and 'model="b"' not in body
+
+
+@pytest.mark.parametrize("value", ['quo"te', "back\\slash", "new\nline", "ünïcødé"])
+def test_label_values_are_escaped_in_the_exposition(value: str) -> None:
+    worker, upstream, publisher, metrics, _ = make()
+    frame = TRITON.assign(model=[value, "b"])
+    for q in catalog.BASE_QUERIES:
+        if q.source is catalog.Source.TRITON:
+            upstream.frames[q.promql(SEL)] = frame
+    worker.run_cycle()
+    samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
+    assert samples["model_version:nv_inference_count:rate"][
+        (("model", value), ("version", "1"))] == 2.0
