@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import pandas as pd
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -27,6 +33,9 @@ from prometheus_client.registry import Collector
 from exporter import __version__, catalog
 from exporter.derive import VALUE, DeriveError
 from exporter.upstream import OUTCOMES
+
+# The *_created series double the self-metrics for no use to a dashboard or alert.
+disable_created_metrics()
 
 PREFIX = "triton_mig_exporter_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -25,6 +25,9 @@ from exporter.upstream import Querier, UpstreamError
 
 log = logging.getLogger(__name__)
 
+#: Errors that say the upstream cannot be reached at all, not that one query was refused.
+UNREACHABLE = frozenset({"connection", "timeout"})
+
 
 def evaluation_time(now: float, eval_delay: float, interval: float) -> float:
     """``now - eval_delay`` truncated to the interval, as rule evaluators align it."""
@@ -57,6 +60,13 @@ class CycleReport:
 def query_base(querier: Querier, sel: Selectors, at: float, report: CycleReport) -> None:
     """Run every base query at ``at``; failures are recorded per query, never raised."""
     for query in catalog.BASE_QUERIES:
+        unreachable = next(
+            (e for e in report.query_errors.values() if e.reason in UNREACHABLE), None
+        )
+        if unreachable is not None:
+            # The upstream is down: the remaining queries would only wait out their retries.
+            report.query_errors[query.name] = unreachable
+            continue
         try:
             result = querier.instant(query.promql(sel), at)
         except UpstreamError as error:

@@ -181,3 +181,12 @@ def test_label_values_are_escaped_in_the_exposition(value: str) -> None:
     samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
     assert samples["model_version:nv_inference_count:rate"][
         (("model", value), ("version", "1"))] == 2.0
+
+
+def test_an_unreachable_upstream_is_asked_once_per_cycle_not_once_per_query() -> None:
+    worker, upstream, _, _, _ = make()
+    upstream.failing = {"*"}
+    report = worker.run_cycle()
+    assert len(upstream.calls) == 1
+    assert len(report.query_errors) == len(catalog.BASE_QUERIES)
+    assert report.outcome == "failure"

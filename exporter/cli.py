@@ -1,0 +1,205 @@
+"""Command line: serve, once, check-config, discover, simulate, demo.
+
+Flags follow Prometheus conventions (``--config.file``, ``--web.listen-address``). A bad
+configuration is a one-line usage error (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from exporter import __version__, config
+from exporter.config import Config, ConfigError
+
+log = logging.getLogger("exporter")
+
+EXIT_USAGE = 2
+
+
+def parse_instant(text: str) -> float:
+    """Unix seconds from RFC 3339 (``2026-11-24T10:00:00Z``) or a number of seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected RFC 3339 (2026-11-24T10:00:00Z) or unix seconds, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or +HH:MM")
+    return moment.timestamp()
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, upstream_required: bool = False) -> None:
+    parser.add_argument(
+        "--config.file", dest="config_file", type=Path, default=None,
+        help="YAML configuration (default: built-in defaults, the same as config.yaml)",
+    )
+    parser.add_argument(
+        "--upstream", dest="upstream", required=upstream_required, default=None,
+        help="upstream Prometheus API base URL, e.g. http://host:9009/prometheus "
+        "(overrides upstream.url)",
+    )
+
+
+def _add_log_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log.level", dest="log_level", default="info",
+        choices=["debug", "info", "warning", "error"],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triton-mig-exporter",
+        description="Fleet figures for NVIDIA Triton on MIG slices, derived from an upstream "
+        "Prometheus and served on /metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the exporter service")
+    _add_config_flags(serve)
+    serve.add_argument(
+        "--web.listen-address", dest="listen_address", default=None,
+        help="HOST:PORT to serve /metrics on (default from config: :9410)",
+    )
+    _add_log_flag(serve)
+
+    once = sub.add_parser("once", help="run one cycle and print the exposition to stdout")
+    _add_config_flags(once, upstream_required=False)
+    once.add_argument(
+        "--at", type=parse_instant, default=None,
+        help="evaluate at this instant (RFC 3339 or unix seconds) instead of now",
+    )
+    _add_log_flag(once)
+
+    check = sub.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--config.file", dest="config_file", type=Path, default=None)
+    check.add_argument("config_path", nargs="?", type=Path, default=None,
+                       help="the file to check (same as --config.file)")
+
+    discover = sub.add_parser(
+        "discover", help="list the source series the upstream has and which families they allow"
+    )
+    _add_config_flags(discover)
+    _add_log_flag(discover)
+
+    from exporter import simulate
+
+    sim = sub.add_parser("simulate", help="run the Triton + dcgm-exporter fleet simulator")
+    simulate.add_arguments(sim)
+
+    demo = sub.add_parser(
+        "demo", help="simulator + a real Prometheus + the exporter, all on 127.0.0.1"
+    )
+    from exporter import demo as demo_module
+
+    demo_module.add_arguments(demo)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "upstream", None):
+        overrides["upstream"] = {"url": args.upstream}
+    if getattr(args, "listen_address", None):
+        overrides["web"] = {"listen_address": args.listen_address}
+    return config.load(args.config_file, overrides=overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(cfg: Config) -> int:
+    from exporter.service import Service, wait_for_signal
+
+    service = Service(cfg)
+    try:
+        service.start()
+    except OSError as error:
+        print(f"error: cannot listen on {cfg.web.listen_address}: {error.strerror}",
+              file=sys.stderr)
+        service.stop()
+        return 1
+    try:
+        wait_for_signal()
+    finally:
+        log.info("shutting down")
+        service.stop()
+    return 0
+
+
+def cmd_once(cfg: Config, at: float | None) -> int:
+    import time
+
+    from exporter import upstream
+    from exporter.catalog import Selectors
+    from exporter.worker import compute, evaluation_time, exposition, series_labels
+
+    sel = Selectors.from_config(cfg)
+    ev = cfg.evaluation
+    instant = at if at is not None else evaluation_time(time.time(), ev.eval_delay, ev.interval)
+    with upstream.PrometheusClient(cfg.upstream) as client:
+        report = compute(client, sel, instant)
+    if report.query_errors:
+        for name, error in report.query_errors.items():
+            print(f"error: base query {name}: {error}", file=sys.stderr)
+        if not report.frames:
+            print(f"error: upstream {cfg.upstream.url} could not be queried", file=sys.stderr)
+            return 1
+    sys.stdout.buffer.write(exposition(report, series_labels(sel)))
+    sys.stdout.flush()
+    return 1 if report.query_errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "simulate":
+        from exporter import simulate
+
+        return simulate.main_from_args(args)
+    if args.command == "demo":
+        from exporter import demo
+
+        return demo.main_from_args(args)
+    if args.command == "check-config":
+        path = args.config_file or args.config_path
+        try:
+            config.load(path)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{path or '<defaults>'}: ok")
+        return 0
+    try:
+        cfg = load_config(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.log_level)
+    if args.command == "serve":
+        return cmd_serve(cfg)
+    if args.command == "once":
+        return cmd_once(cfg, args.at)
+    if args.command == "discover":
+        from exporter import discover
+
+        return discover.run(cfg)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE

@@ -1,0 +1,93 @@
+"""Shared fixtures: the real Prometheus, the simulator, and a stack of both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter import promserver, simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TRITON_MIG_EXPORTER_* config override from the caller's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("TRITON_MIG_EXPORTER_") and name != promserver.CACHE_ENV:
+            monkeypatch.delenv(name)
+    # Subprocesses resolve the cache folder against their cwd: pin it to the repo's.
+    monkeypatch.setenv(promserver.CACHE_ENV, str(promserver.default_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def prometheus_binaries() -> promserver.PrometheusBinaries:
+    return promserver.find_prometheus()
+
+
+@dataclass
+class Stack:
+    """The simulator (in this process) and a real Prometheus scraping it."""
+
+    fleet: simulate.Fleet
+    faults: simulate.Faults
+    sim_url: str
+    prom: promserver.PrometheusServer
+    scrape: float
+    window: float
+    started: float
+
+    def config_file(self, tmp_path: Path, **evaluation: Any) -> Path:
+        path = tmp_path / "exporter.yaml"
+        settings = {"window": f"{self.window:g}s", "scrape_interval": f"{self.scrape:g}s",
+                    "interval": "1s", **evaluation}
+        path.write_text(yaml.safe_dump({
+            "upstream": {"url": self.prom.url, "timeout": "2s", "retries": 1,
+                         "backoff": "100ms"},
+            "evaluation": settings,
+            "web": {"listen_address": "127.0.0.1:0"},
+        }))
+        return path
+
+    def instant(self, not_before: float = 0.0) -> float:
+        """A past instant whose window (plus a scrape) lies inside one simulator epoch and has
+        been scraped, waiting for one when needed. truth() is exact for such windows."""
+        margin = self.window + 2 * self.scrape
+        while True:
+            t = time.time() - 0.5
+            start, _ = self.fleet.epoch_bounds(t)
+            earliest = max(start + margin, self.started + 6 + margin, not_before + margin)
+            if t >= earliest:
+                return t
+            time.sleep(min(earliest - t + 0.1, 30))
+
+
+@pytest.fixture(scope="module")
+def stack(prometheus_binaries: promserver.PrometheusBinaries,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    scrape, window, epoch = 1.0, 5.0, 20.0
+    now = time.time()
+    faults = simulate.Faults()
+    # Epoch 0 ends 12 s from now, so the tests see a change of loaded models (churn).
+    spec = simulate.FleetSpec(servers=4, models=3, hosts=2, gpus_per_host=1, seed=7,
+                              epoch_seconds=epoch, churn=0.3, start=now - epoch + 12)
+    fleet = simulate.Fleet(spec, faults)
+    sim = simulate.serve(fleet, "127.0.0.1", 0)
+    target = f"127.0.0.1:{sim.server_address[1]}"
+    prom = promserver.PrometheusServer(
+        prometheus_binaries, fleet.prometheus_config(target, scrape),
+        tmp_path_factory.mktemp("prometheus"))
+    try:
+        prom.start()
+        yield Stack(fleet, faults, f"http://{target}", prom, scrape, window, now)
+    finally:
+        prom.stop()
+        sim.shutdown()
+        sim.server_close()

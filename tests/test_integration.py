@@ -1,0 +1,248 @@
+"""The simulator scraped by a real Prometheus; the exporter's figures against the ground truth.
+
+Tolerances: the simulator's counters are exact integrals of rates that are constant within an
+epoch, and every instant checked has its whole window inside one epoch, so Prometheus's rate()
+extrapolation is exact for a linear counter. What remains is the few milliseconds between the
+simulator computing a value and Prometheus stamping the scrape: relative errors of about
+2 x 5 ms / 5 s = 0.2 %. We allow 2 %. Counts and slice averages are exact.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import Stack
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import catalog
+from exporter.promserver import wait_for
+
+pytestmark = pytest.mark.integration
+
+Figures = dict[str, dict[tuple[tuple[str, str], ...], float]]
+REL = 0.02
+
+
+def parse(text: str) -> Figures:
+    out: Figures = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def run_once(stack: Stack, tmp_path: Path, at: float) -> Figures:
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "once", "--config.file",
+         str(stack.config_file(tmp_path)), "--at", f"{at:.3f}"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return parse(done.stdout)
+
+
+def truth(stack: Stack, at: float) -> Figures:
+    return stack.fleet.truth(at, stack.window)
+
+
+def assert_matches(got: Figures, want: Figures, names: list[str] | None = None) -> None:
+    for name in names or [s.name for s in catalog.SERIES]:
+        expected = want.get(name, {})
+        actual = got.get(name, {})
+        assert set(actual) == set(expected), (name, set(actual) ^ set(expected))
+        for labels, value in expected.items():
+            assert actual[labels] == pytest.approx(value, rel=REL, abs=1e-9), (name, labels)
+
+
+def test_once_equals_the_ground_truth_for_every_family(stack: Stack, tmp_path: Path) -> None:
+    at = stack.instant()
+    got = run_once(stack, tmp_path, at)
+    want = truth(stack, at)
+    # The simulator's truth covers the whole contract, and so does the exporter.
+    assert {s.name for s in catalog.SERIES} == {n for n, v in want.items() if v}
+    assert_matches(got, want)
+    assert got[":triton_inference_rate_drift:ratio"][()] == pytest.approx(1.0, rel=1e-6)
+    concurrency = got[":triton_model_concurrency:ratio"][()]
+    assert 1.0 <= concurrency <= 3.0
+
+
+def test_models_unloaded_in_the_last_epoch_are_gone(stack: Stack, tmp_path: Path) -> None:
+    at = stack.instant()
+    start, _ = stack.fleet.epoch_bounds(at)
+    before = {(pod, m, v) for pod in stack.fleet.pods
+              for m, v in stack.fleet.loaded_models(pod, start - 1)}
+    now = {(pod, m, v) for pod in stack.fleet.pods
+           for m, v in stack.fleet.loaded_models(pod, at)}
+    gone = before - now
+    if start - 1 < stack.started + 6:
+        pytest.fail("the stack should have crossed an epoch boundary by now")
+    assert gone, "seed 7 with churn 0.3 unloads a model at the first epoch boundary"
+    got = run_once(stack, tmp_path, at)
+    published = {(dict(k)["pod"], dict(k)["model"], dict(k)["version"])
+                 for k in got["model_version_pod:nv_inference_count:rate"]}
+    assert not gone & published
+    assert published == now
+
+
+def test_duplicated_replica_halves_the_drift_and_changes_no_figure(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.faults.duplicate_replica = True
+    try:
+        on = time.time()
+        at = stack.instant(not_before=on + stack.scrape)
+        got = run_once(stack, tmp_path, at)
+    finally:
+        stack.faults.duplicate_replica = False
+    want = truth(stack, at)
+    assert got[":triton_inference_rate_drift:ratio"][()] == pytest.approx(0.5, rel=REL)
+    assert_matches(got, want)
+
+
+def test_unlabelled_series_lower_the_drift_and_nothing_else(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.faults.unlabeled_series = True
+    try:
+        at = stack.instant(not_before=time.time() + stack.scrape)
+        got = run_once(stack, tmp_path, at)
+    finally:
+        stack.faults.unlabeled_series = False
+    want = truth(stack, at)
+    assert got[":triton_inference_rate_drift:ratio"][()] < 0.99
+    assert_matches(got, want)
+
+
+def test_a_server_restart_gives_no_negative_rate(stack: Stack, tmp_path: Path) -> None:
+    pod = stack.fleet.pods[0]
+    # Restart where the window of an instant 3 s later fits in the same epoch.
+    lead, settle = stack.window + 2 * stack.scrape, 3 * stack.scrape
+    while True:
+        now = time.time()
+        start, end = stack.fleet.epoch_bounds(now)
+        if start + lead <= now <= end - settle - 1 and now > stack.started + 6 + lead:
+            break
+        time.sleep(0.2)
+    stack.faults.restart(pod, now)
+    time.sleep(settle)
+    at = time.time() - 0.5
+    assert stack.fleet.epoch_bounds(at)[0] <= at - stack.window - 2 * stack.scrape
+    got = run_once(stack, tmp_path, at)
+    want = truth(stack, at)
+    rates = got["model_version_pod:nv_inference_count:rate"]
+    assert all(v >= 0 for v in rates.values())
+    # rate() loses what a counter gained between its last scrape and the restart: at most one
+    # scrape interval's worth of the sampled span (window - scrape, extrapolated to the window).
+    loss = stack.scrape / (stack.window - stack.scrape)
+    for labels, expected in want["model_version_pod:nv_inference_count:rate"].items():
+        actual = rates[labels]
+        low = expected * (1 - loss) * (1 - REL)
+        assert low <= actual <= expected * (1 + REL) + 1e-9, (labels, actual, expected)
+    restarted = [k for k in rates if dict(k)["pod"] == pod]
+    assert restarted, "the restarted pod still serves models"
+
+
+class Serve:
+    def __init__(self, stack: Stack, tmp_path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "serve", "--config.file",
+             str(stack.config_file(tmp_path))],
+            stderr=subprocess.PIPE, text=True)
+        self.url = ""
+        line = ""
+        deadline = time.time() + 30
+        assert self.proc.stderr is not None
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if "serving http://" in line:
+                self.url = line.split("serving ", 1)[1].split(";", 1)[0].rsplit("/", 1)[0]
+                break
+        assert self.url, f"serve did not start: {line}"
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=5)
+
+    def figures(self) -> Figures:
+        return parse(self.get("/metrics").text)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def test_serve_publishes_goes_stale_and_recovers(stack: Stack, tmp_path: Path) -> None:
+    stack.instant()
+    serve = Serve(stack, tmp_path)
+    try:
+        assert serve.get("/healthz").status_code == 200
+        wait_for(lambda: serve.get("/readyz").status_code == 200, 20, what="ready")
+        figures = wait_for(
+            lambda: (f := serve.figures()).get(":triton_model_concurrency:ratio") and f,
+            20, what="derived figures")
+        assert figures["triton_mig_exporter_upstream_up"][()] == 1.0
+        for series in catalog.SERIES:
+            if series.name != "model_version:nv_cache_hit:ratio" or series.name in figures:
+                assert series.name in figures, series.name
+        body = serve.get("/metrics")
+        assert body.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+        stack.prom.stop()
+        stopped = time.time()
+        wait_for(lambda: serve.figures()["triton_mig_exporter_upstream_up"][()] == 0.0,
+                 10, what="upstream_up 0")
+        assert time.time() - stopped < 2 * 1.0 + 4  # two cycles plus a request's retries
+        gone = wait_for(lambda: ":nv_inference_count:rate" not in (f := serve.figures()) and f,
+                        15, what="derived series withdrawn after the staleness bound")
+        assert time.time() - stopped >= 2.0  # kept at least until close to the 3 s bound
+        assert gone["triton_mig_exporter_series"][(("family", ":nv_inference_count:rate"),)] == 0
+        assert serve.get("/readyz").status_code == 503
+
+        stack.prom.start()
+        back = time.time()
+        wait_for(lambda: ":nv_inference_count:rate" in serve.figures(), 15, what="recovery")
+        assert time.time() - back < 10
+        assert serve.get("/readyz").status_code == 200
+
+        started = time.time()
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(5) == 0
+        assert time.time() - started < 5
+        assert serve.proc.stderr is not None
+        assert "Traceback" not in serve.proc.stderr.read()
+    finally:
+        serve.stop()
+        if not stack.prom.is_running():
+            stack.prom.start()
+
+
+def test_gzip_scrape_and_self_metrics_over_http(stack: Stack, tmp_path: Path) -> None:
+    serve = Serve(stack, tmp_path)
+    try:
+        wait_for(lambda: serve.get("/readyz").status_code == 200, 20, what="ready")
+        response = requests.get(serve.url + "/metrics", headers={"Accept-Encoding": "gzip"},
+                                timeout=5)
+        assert response.headers.get("Content-Encoding") == "gzip"
+        figures = parse(response.text)  # requests decodes the concatenated gzip members
+        assert figures["triton_mig_exporter_upstream_requests_total"][
+            (("outcome", "ok"),)] >= len(catalog.BASE_QUERIES)
+        assert not any(math.isnan(v) for f in figures.values() for v in f.values())
+    finally:
+        serve.stop()
+
+
+def test_once_fails_clearly_when_the_upstream_is_unreachable(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "once", "--upstream", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "could not be queried" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
