@@ -60,29 +60,26 @@ def _with_columns(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return frame
 
 
-def triton_series(frame: pd.DataFrame, sel: Selectors) -> pd.DataFrame:
+def triton_series(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> pd.DataFrame:
     """Per (model, version, pod): model-labelled series only, deduplicated across replicas."""
     source = [sel.model, sel.version, sel.pod]
     frame = _finite(_with_columns(frame, source))
     frame = frame[frame[sel.model].astype(str) != ""]
     if frame.empty:
-        return _empty(MVP)
+        return _empty([*keys, *MVP])
     renamed = frame.rename(columns={sel.model: MODEL, sel.version: VERSION, sel.pod: POD})
     # Replica columns are not grouping keys: max over them is the deduplication.
-    return _group(renamed, MVP, "max")
+    return _group(renamed, [*keys, *MVP], "max")
 
 
-def raw_total(frame: pd.DataFrame) -> pd.DataFrame:
+def raw_total(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """The sum over every series, duplicated or unlabelled: the naive fleet figure."""
-    frame = _finite(frame)
-    if frame.empty:
-        return _empty([])
-    return pd.DataFrame({VALUE: [float(frame[VALUE].sum())]})
+    return aggregate(_finite(frame), keys)
 
 
-def slice_series(frame: pd.DataFrame, sel: Selectors) -> pd.DataFrame:
+def slice_series(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> pd.DataFrame:
     """Per MIG slice (+ workload pod): deduplicated across replicas."""
-    labels = [*sel.slice_labels, POD]
+    labels = [*keys, *sel.slice_labels, POD]
     frame = _finite(_with_columns(frame, [*sel.slice_labels, sel.dcgm_pod]))
     if sel.dcgm_pod != POD:
         frame = frame.drop(columns=[POD], errors="ignore").rename(columns={sel.dcgm_pod: POD})
@@ -131,18 +128,16 @@ def count_positive(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return aggregate(flagged, by)
 
 
-def gpu_equivalents(slices: pd.DataFrame, sel: Selectors) -> pd.DataFrame:
+def gpu_equivalents(slices: pd.DataFrame, sel: Selectors, keys: list[str]) -> pd.DataFrame:
     """Sum of activity x (n/7) for an ``<n>g.*`` profile, x 1 for a whole GPU (no profile)."""
     if slices.empty:
-        return _empty([])
+        return _empty(keys)
     profiles = (slices[sel.profile] if sel.profile in slices.columns
                 else pd.Series("", index=slices.index))
     weights = profiles.astype(str).map(_profile_weight).astype(float)
     known = weights.notna()
-    if not known.any():
-        return _empty([])
-    total = float((slices[VALUE][known] * weights[known]).sum())
-    return pd.DataFrame({VALUE: [total]})
+    weighted = slices[known].assign(**{VALUE: slices[VALUE][known] * weights[known]})
+    return aggregate(weighted, keys)
 
 
 def _profile_weight(profile: str) -> float:
@@ -153,20 +148,31 @@ def _profile_weight(profile: str) -> float:
     return int(match.group(1)) / catalog.MIG_SLICES_PER_GPU if match else math.nan
 
 
-def idle_count(slice_max: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def idle_count(slice_max: pd.DataFrame, threshold: float, keys: list[str]) -> pd.DataFrame:
     """How many slices stayed under ``threshold`` for the window (0 when none; absent if none)."""
     if slice_max.empty:
-        return _empty([])
-    return pd.DataFrame({VALUE: [float((slice_max[VALUE] < threshold).sum())]})
+        return _empty(keys)
+    flagged = slice_max.assign(**{VALUE: (slice_max[VALUE] < threshold).astype(float)})
+    return aggregate(flagged, keys)
 
 
 class Inputs:
-    """The base frames of one cycle, normalised on first use and cached."""
+    """The base frames of one cycle, normalised on first use and cached.
 
-    def __init__(self, frames: Mapping[str, pd.DataFrame], sel: Selectors) -> None:
+    ``keys`` are extra columns every table keeps as a grouping key: none for a live cycle,
+    ``timestamp`` when the frames come from range queries (the historical report).
+    """
+
+    def __init__(
+        self, frames: Mapping[str, pd.DataFrame], sel: Selectors, keys: tuple[str, ...] = ()
+    ) -> None:
         self._frames = frames
         self.sel = sel
+        self.keys = list(keys)
         self._cache: dict[tuple[str, str], pd.DataFrame] = {}
+
+    def by(self, labels: list[str] | tuple[str, ...] = ()) -> list[str]:
+        return [*self.keys, *labels]
 
     def raw(self, name: str) -> pd.DataFrame:
         frame = self._frames.get(name)
@@ -181,15 +187,19 @@ class Inputs:
         return self._cache[key]
 
     def triton(self, name: str) -> pd.DataFrame:
-        return self._cached("triton", name, lambda: triton_series(self.raw(name), self.sel))
+        return self._cached(
+            "triton", name, lambda: triton_series(self.raw(name), self.sel, self.keys)
+        )
 
     def slices(self, name: str) -> pd.DataFrame:
-        return self._cached("slices", name, lambda: slice_series(self.raw(name), self.sel))
+        return self._cached(
+            "slices", name, lambda: slice_series(self.raw(name), self.sel, self.keys)
+        )
 
     def level(self, name: str, level: Level) -> pd.DataFrame:
-        labels = list(catalog.LEVEL_LABELS[level])
+        by = self.by(catalog.LEVEL_LABELS[level])
         return self._cached(f"level:{level.value}", name,
-                            lambda: aggregate(self.triton(name), labels))
+                            lambda: aggregate(self.triton(name), by))
 
 
 Derivation = Callable[[Inputs], pd.DataFrame]
@@ -200,20 +210,20 @@ def _rate(short: str, level: Level) -> Derivation:
 
 
 def _per_request(short: str, level: Level, scale: float = 1.0) -> Derivation:
-    labels = list(catalog.LEVEL_LABELS[level])
-    return lambda i: ratio(i.level(short, level), i.level("success", level), labels, scale)
+    labels = catalog.LEVEL_LABELS[level]
+    return lambda i: ratio(i.level(short, level), i.level("success", level), i.by(labels), scale)
 
 
 def _servers_active(i: Inputs) -> pd.DataFrame:
-    return count_positive(i.triton("success"), MV)
+    return count_positive(i.triton("success"), i.by(MV))
 
 
 def _fleet_servers_active(i: Inputs) -> pd.DataFrame:
-    return count_positive(i.level("success", Level.POD), [])
+    return count_positive(i.level("success", Level.POD), i.by())
 
 
 def _model_servers_sum(i: Inputs) -> pd.DataFrame:
-    return aggregate(_servers_active(i), [])
+    return aggregate(_servers_active(i), i.by())
 
 
 def _derivations() -> dict[str, Derivation]:
@@ -226,12 +236,12 @@ def _derivations() -> dict[str, Derivation]:
     for short, metric in rate_metrics.items():
         for level in (Level.MODEL_VERSION_POD, Level.MODEL_VERSION, Level.POD, Level.FLEET):
             table[f"{level.value}:{metric}:rate"] = _rate(short, level)
-    table[":nv_inference_count:rate_raw"] = lambda i: raw_total(i.raw("count"))
+    table[":nv_inference_count:rate_raw"] = lambda i: raw_total(i.raw("count"), i.keys)
     table[":triton_inference_rate_drift:ratio"] = lambda i: ratio(
-        i.level("count", Level.FLEET), raw_total(i.raw("count")), []
+        i.level("count", Level.FLEET), raw_total(i.raw("count"), i.keys), i.by()
     )
     table["model_version:nv_inference_batch_size:mean"] = lambda i: ratio(
-        i.level("count", Level.MODEL_VERSION), i.level("exec", Level.MODEL_VERSION), MV
+        i.level("count", Level.MODEL_VERSION), i.level("exec", Level.MODEL_VERSION), i.by(MV)
     )
     table["model_version:nv_cache_hit:ratio"] = _per_request("cache_hits", Level.MODEL_VERSION)
     for phase in catalog.PHASES:
@@ -239,23 +249,25 @@ def _derivations() -> dict[str, Derivation]:
             name = f"{level.value}:nv_inference_{phase}_duration:mean_seconds"
             table[name] = _per_request(f"{phase}_us", level, 1e6)
     table["model_version:triton_servers_active:count"] = _servers_active
-    table["pod:triton_models_active:count"] = lambda i: count_positive(i.triton("success"), [POD])
+    table["pod:triton_models_active:count"] = lambda i: count_positive(
+        i.triton("success"), i.by([POD])
+    )
     table[":triton_servers_active:count"] = _fleet_servers_active
     table[":triton_model_servers_active:sum"] = _model_servers_sum
     table[":triton_model_concurrency:ratio"] = lambda i: ratio(
-        _model_servers_sum(i), _fleet_servers_active(i), []
+        _model_servers_sum(i), _fleet_servers_active(i), i.by()
     )
     for short in ("tensor", "dram", "gr_engine"):
         table[f"gpu_instance:dcgm_{short}_active:avg"] = (lambda s: lambda i: i.slices(s))(short)
     for short in ("tensor", "dram"):
         table[f":dcgm_{short}_active:sum"] = (
-            lambda s: lambda i: aggregate(i.slices(s), [])
+            lambda s: lambda i: aggregate(i.slices(s), i.by())
         )(short)
     table[":dcgm_tensor_active:gpu_equivalents"] = lambda i: gpu_equivalents(
-        i.slices("tensor"), i.sel
+        i.slices("tensor"), i.sel, i.keys
     )
     table[":dcgm_mig_slices_idle:count"] = lambda i: idle_count(
-        i.slices("tensor_max"), i.sel.idle_threshold
+        i.slices("tensor_max"), i.sel.idle_threshold, i.keys
     )
     return table
 
@@ -264,19 +276,21 @@ DERIVATIONS: dict[str, Derivation] = _derivations()
 
 
 def derive_all(
-    frames: Mapping[str, pd.DataFrame], sel: Selectors
+    frames: Mapping[str, pd.DataFrame], sel: Selectors, keys: tuple[str, ...] = ()
 ) -> dict[str, pd.DataFrame | DeriveError]:
     """Every catalog series from this cycle's frames; a failing series does not stop the others.
 
     ``frames`` holds the base queries that answered; a series whose inputs are missing comes
-    back as a :class:`DeriveError`.
+    back as a :class:`DeriveError`. With ``keys`` (e.g. ``("timestamp",)`` for range frames)
+    every table is computed per key value and carries the key columns first.
     """
-    inputs = Inputs(frames, sel)
+    inputs = Inputs(frames, sel, keys)
     out: dict[str, pd.DataFrame | DeriveError] = {}
     for series in catalog.SERIES:
         try:
             table = DERIVATIONS[series.name](inputs)
-            out[series.name] = table[[*series.labels(sel), VALUE]].reset_index(drop=True)
+            columns = [*keys, *series.labels(sel), VALUE]
+            out[series.name] = table[columns].reset_index(drop=True)
         except MissingInput as error:
             out[series.name] = DeriveError(series.name, str(error))
         except Exception as error:  # one broken family must not take down the others

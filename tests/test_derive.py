@@ -232,3 +232,26 @@ def test_every_catalog_series_has_a_derivation_with_its_labels() -> None:
         table = out[series.name]
         assert isinstance(table, pd.DataFrame), (series.name, table)
         assert list(table.columns) == [*series.labels(SEL), "value"]
+
+
+def test_range_frames_keyed_by_timestamp_give_each_instants_tables() -> None:
+    """The report derives a whole range at once; each step must equal a live cycle's tables."""
+    idle = triton(("a", "1", "p1", "r0", 0.0), ("b", "1", "p2", "r0", 0.0))
+    steps = {100.0: COUNT, 160.0: idle, 220.0: triton()}
+    ranged = {}
+    for q in catalog.BASE_QUERIES:
+        parts = [(SLICES if q.source is catalog.Source.DCGM else frame).assign(timestamp=ts)
+                 for ts, frame in steps.items()]
+        ranged[q.name] = pd.concat(parts, ignore_index=True)
+    keyed = derive.derive_all(ranged, SEL, keys=("timestamp",))
+    for ts, frame in steps.items():
+        single = derive.derive_all(
+            {q.name: (SLICES if q.source is catalog.Source.DCGM else frame)
+             for q in catalog.BASE_QUERIES}, SEL)
+        for name, table in single.items():
+            assert isinstance(table, pd.DataFrame)
+            whole = keyed[name]
+            assert isinstance(whole, pd.DataFrame)
+            assert list(whole.columns) == ["timestamp", *table.columns]
+            at = whole[whole["timestamp"] == ts].drop(columns="timestamp")
+            assert as_dict(at.reset_index(drop=True)) == as_dict(table), (name, ts)
