@@ -253,5 +253,5 @@ def test_range_frames_keyed_by_timestamp_give_each_instants_tables() -> None:
             whole = keyed[name]
             assert isinstance(whole, pd.DataFrame)
             assert list(whole.columns) == ["timestamp", *table.columns]
-            at = whole[whole["timestamp"] == ts].drop(columns="timestamp")
-            assert as_dict(at.reset_index(drop=True)) == as_dict(table), (name, ts)
+            at = as_dict(whole[whole["timestamp"] == ts].drop(columns="timestamp"))
+            assert at == pytest.approx(as_dict(table), rel=1e-12), (name, ts)
