@@ -246,3 +246,31 @@ def test_once_fails_clearly_when_the_upstream_is_unreachable(tmp_path: Path) -> 
     assert done.returncode == 1
     assert "could not be queried" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+def test_discover_lists_the_source_series_and_every_computable_family(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.instant()
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "discover", "--config.file",
+         str(stack.config_file(tmp_path))],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "nv_inference_count" in out and "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE" in out
+    assert f"{len(catalog.SERIES)} of {len(catalog.SERIES)} families can be computed" in out
+    # The notebook's all_metrics() step: every Triton/DCGM name the upstream holds is listed.
+    assert "DCGM_FI_DEV_POWER_USAGE" in out and "nv_inference_pending_request_count" in out
+
+
+def test_discover_names_what_is_missing(stack: Stack, tmp_path: Path) -> None:
+    config = stack.config_file(tmp_path)
+    config.write_text(config.read_text() + "dcgm: {selector: 'exported_namespace=\"nowhere\"'}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "discover", "--config.file", str(config)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "no  gpu_instance:dcgm_tensor_active:avg  (needs DCGM_FI_PROF_PIPE_TENSOR_ACTIVE)" \
+        in done.stdout
+    assert "yes :triton_model_concurrency:ratio" in done.stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -30,8 +32,8 @@ SLICES = pd.DataFrame(
 class FakeUpstream:
     """A Querier answering each base query with a fixed frame, or failing on request."""
 
-    def __init__(self) -> None:
-        self.frames = {q.promql(SEL): (TRITON if q.source is catalog.Source.TRITON else SLICES)
+    def __init__(self, sel: Selectors = SEL) -> None:
+        self.frames = {q.promql(sel): (TRITON if q.source is catalog.Source.TRITON else SLICES)
                        for q in catalog.BASE_QUERIES}
         self.failing: set[str] = set()
         self.calls: list[tuple[str, float]] = []
@@ -190,3 +192,43 @@ def test_an_unreachable_upstream_is_asked_once_per_cycle_not_once_per_query() ->
     assert len(upstream.calls) == 1
     assert len(report.query_errors) == len(catalog.BASE_QUERIES)
     assert report.outcome == "failure"
+
+
+class SlowUpstream(FakeUpstream):
+    """Answers after a delay and records how many queries were in flight at once."""
+
+    def __init__(self, delay: float, sel: Selectors) -> None:
+        super().__init__(sel)
+        self.delay = delay
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.lock = threading.Lock()
+
+    def instant(self, query: str, at: float) -> QueryResult:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            return super().instant(query, at)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_scheduled_cycles_never_overlap_and_late_ticks_are_counted_as_missed() -> None:
+    cfg = config.from_mapping({"evaluation": {"interval": "200ms", "window": "1s"}}, environ={})
+    publisher = Publisher(cfg.evaluation.staleness_bound)
+    metrics = SelfMetrics(publisher)
+    upstream = SlowUpstream(0.05, Selectors.from_config(cfg))  # 14 queries: a cycle takes ~0.7 s, 3.5 intervals
+    worker = Worker(cfg, upstream, publisher, metrics)
+    worker.start()
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and metrics.cycles.labels("success")._value.get() < 2:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert metrics.cycles.labels("success")._value.get() >= 2
+    assert upstream.most_in_flight == 1
+    assert metrics.cycles_missed._value.get() >= 1

@@ -1,0 +1,76 @@
+"""cli: usage errors are one line and exit 2; check-config; instants; listen failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_check_config_accepts_the_documented_default() -> None:
+    done = run("check-config", "--config.file", str(ROOT / "config.yaml"))
+    assert done.returncode == 0 and done.stdout.strip().endswith(": ok")
+
+
+def test_check_config_rejects_a_bad_file_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluation: {window: 1m, scrape_interval: 30s}\n")
+    done = run("check-config", str(bad))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "evaluation" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_with_a_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: {url: nope}\n")
+    done = run("serve", "--config.file", str(bad))
+    assert done.returncode == 2 and "upstream.url" in done.stderr
+
+
+def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        done = run("serve", "--web.listen-address", f"127.0.0.1:{port}",
+                   "--upstream", "http://127.0.0.1:9")
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("1764000000", 1764000000.0),
+    ("1764000000.5", 1764000000.5),
+    ("2025-11-24T16:00:00Z", 1764000000.0),
+    ("2025-11-24T17:00:00+01:00", 1764000000.0),
+])
+def test_instants(text: str, seconds: float) -> None:
+    assert cli.parse_instant(text) == seconds
+
+
+def test_an_instant_without_a_zone_is_refused() -> None:
+    done = run("once", "--at", "2025-11-24T16:00:00")
+    assert done.returncode == 2 and "no time zone" in done.stderr
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.startswith("triton-mig-exporter ")
+    help_text = run("--help").stdout
+    for command in ("serve", "once", "check-config", "discover", "simulate", "demo"):
+        assert command in help_text
