@@ -220,7 +220,8 @@ def test_scheduled_cycles_never_overlap_and_late_ticks_are_counted_as_missed() -
     cfg = config.from_mapping({"evaluation": {"interval": "200ms", "window": "1s"}}, environ={})
     publisher = Publisher(cfg.evaluation.staleness_bound)
     metrics = SelfMetrics(publisher)
-    upstream = SlowUpstream(0.05, Selectors.from_config(cfg))  # 14 queries: a cycle takes ~0.7 s, 3.5 intervals
+    # 14 queries of 50 ms: a cycle takes ~0.7 s, three and a half intervals.
+    upstream = SlowUpstream(0.05, Selectors.from_config(cfg))
     worker = Worker(cfg, upstream, publisher, metrics)
     worker.start()
     try:
