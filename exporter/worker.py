@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
 
 import pandas as pd
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
@@ -20,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from exporter import catalog, derive
 from exporter.catalog import Selectors
 from exporter.config import Config
-from exporter.publish import Publisher, SelfMetrics
+from exporter.publish import Publisher, SelfMetrics, render_family
 from exporter.upstream import Querier, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class Worker:
             self._safe_cycle,
             "interval",
             seconds=interval,
-            next_run_time=_utcnow(),
+            next_run_time=datetime.now(UTC),
             misfire_grace_time=max(1, int(interval / 2)),
             id="cycle",
         )
@@ -185,16 +185,8 @@ class Worker:
             self._scheduler = None
 
 
-def _utcnow() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
-
-
 def exposition(report: CycleReport, labels: Mapping[str, tuple[str, ...]]) -> bytes:
     """The derived families of one report as exposition text (``once``)."""
-    from exporter.publish import render_family
-
     now = time.time()
     parts = []
     for series in catalog.SERIES:
