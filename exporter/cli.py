@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from exporter import __version__, config
+from exporter import __version__, config, demo, discover, simulate, upstream
+from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
+from exporter.service import Service, wait_for_signal
+from exporter.worker import compute, evaluation_time, exposition, series_labels
 
 log = logging.getLogger("exporter")
 
@@ -39,19 +43,16 @@ def parse_instant(text: str) -> float:
     return moment.timestamp()
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, upstream_required: bool = False) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config.file", dest="config_file", type=Path, default=None,
         help="YAML configuration (default: built-in defaults, the same as config.yaml)",
     )
     parser.add_argument(
-        "--upstream", dest="upstream", required=upstream_required, default=None,
+        "--upstream", dest="upstream", default=None,
         help="upstream Prometheus API base URL, e.g. http://host:9009/prometheus "
         "(overrides upstream.url)",
     )
-
-
-def _add_log_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log.level", dest="log_level", default="info",
         choices=["debug", "info", "warning", "error"],
@@ -73,38 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.listen-address", dest="listen_address", default=None,
         help="HOST:PORT to serve /metrics on (default from config: :9410)",
     )
-    _add_log_flag(serve)
 
     once = sub.add_parser("once", help="run one cycle and print the exposition to stdout")
-    _add_config_flags(once, upstream_required=False)
+    _add_config_flags(once)
     once.add_argument(
         "--at", type=parse_instant, default=None,
         help="evaluate at this instant (RFC 3339 or unix seconds) instead of now",
     )
-    _add_log_flag(once)
 
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--config.file", dest="config_file", type=Path, default=None)
     check.add_argument("config_path", nargs="?", type=Path, default=None,
                        help="the file to check (same as --config.file)")
 
-    discover = sub.add_parser(
+    _add_config_flags(sub.add_parser(
         "discover", help="list the source series the upstream has and which families they allow"
-    )
-    _add_config_flags(discover)
-    _add_log_flag(discover)
-
-    from exporter import simulate
-
-    sim = sub.add_parser("simulate", help="run the Triton + dcgm-exporter fleet simulator")
-    simulate.add_arguments(sim)
-
-    demo = sub.add_parser(
+    ))
+    simulate.add_arguments(sub.add_parser(
+        "simulate", help="run the Triton + dcgm-exporter fleet simulator"
+    ))
+    demo.add_arguments(sub.add_parser(
         "demo", help="simulator + a real Prometheus + the exporter, all on 127.0.0.1"
-    )
-    from exporter import demo as demo_module
-
-    demo_module.add_arguments(demo)
+    ))
     return parser
 
 
@@ -117,17 +108,15 @@ def load_config(args: argparse.Namespace) -> Config:
     return config.load(args.config_file, overrides=overrides)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.config_file or args.config_path
+    config.load(path)
+    print(f"{path or '<defaults>'}: ok")
+    return 0
 
 
-def cmd_serve(cfg: Config) -> int:
-    from exporter.service import Service, wait_for_signal
-
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     service = Service(cfg)
     try:
         service.start()
@@ -144,62 +133,47 @@ def cmd_serve(cfg: Config) -> int:
     return 0
 
 
-def cmd_once(cfg: Config, at: float | None) -> int:
-    import time
-
-    from exporter import upstream
-    from exporter.catalog import Selectors
-    from exporter.worker import compute, evaluation_time, exposition, series_labels
-
+def cmd_once(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     sel = Selectors.from_config(cfg)
     ev = cfg.evaluation
-    instant = at if at is not None else evaluation_time(time.time(), ev.eval_delay, ev.interval)
+    at = args.at if args.at is not None else evaluation_time(
+        time.time(), ev.eval_delay, ev.interval)
     with upstream.PrometheusClient(cfg.upstream) as client:
-        report = compute(client, sel, instant)
-    if report.query_errors:
-        for name, error in report.query_errors.items():
-            print(f"error: base query {name}: {error}", file=sys.stderr)
-        if not report.frames:
-            print(f"error: upstream {cfg.upstream.url} could not be queried", file=sys.stderr)
-            return 1
+        report = compute(client, sel, at)
+    for name, error in report.query_errors.items():
+        print(f"error: base query {name}: {error}", file=sys.stderr)
+    if report.query_errors and not report.frames:
+        print(f"error: upstream {cfg.upstream.url} could not be queried", file=sys.stderr)
+        return 1
     sys.stdout.buffer.write(exposition(report, series_labels(sel)))
     sys.stdout.flush()
     return 1 if report.query_errors else 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    return discover.run(load_config(args))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "once": cmd_once,
+    "check-config": cmd_check_config,
+    "discover": cmd_discover,
+    "simulate": simulate.main_from_args,
+    "demo": demo.main_from_args,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "simulate":
-        from exporter import simulate
-
-        return simulate.main_from_args(args)
-    if args.command == "demo":
-        from exporter import demo
-
-        return demo.main_from_args(args)
-    if args.command == "check-config":
-        path = args.config_file or args.config_path
-        try:
-            config.load(path)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"{path or '<defaults>'}: ok")
-        return 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
-        cfg = load_config(args)
+        return COMMANDS[args.command](args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args.log_level)
-    if args.command == "serve":
-        return cmd_serve(cfg)
-    if args.command == "once":
-        return cmd_once(cfg, args.at)
-    if args.command == "discover":
-        from exporter import discover
-
-        return discover.run(cfg)
-    parser.error(f"unknown command {args.command}")
-    return EXIT_USAGE

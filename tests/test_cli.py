@@ -74,3 +74,11 @@ def test_version_and_help() -> None:
     help_text = run("--help").stdout
     for command in ("serve", "once", "check-config", "discover", "simulate", "demo"):
         assert command in help_text
+
+
+def test_a_missing_secret_file_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"upstream: {{bearer_token_file: {tmp_path / 'absent-token'}}}\n")
+    done = run("once", "--config.file", str(cfg))
+    assert done.returncode == 2
+    assert "absent-token" in done.stderr and "Traceback" not in done.stderr
