@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -129,7 +130,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_for_signal()
     finally:
         log.info("shutting down")
-        service.stop()
+        idle = service.stop()
+    if not idle:
+        # A cycle is still waiting on the upstream; its thread would hold the interpreter
+        # open until its requests time out. Nothing it would produce is needed any more.
+        log.warning("leaving a cycle in progress behind")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

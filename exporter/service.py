@@ -53,13 +53,15 @@ class Service:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://{shown}:{port}/metrics"
 
-    def stop(self) -> None:
-        self.worker.stop()
+    def stop(self) -> bool:
+        """Stop; False when a cycle was still running (see :meth:`Worker.stop`)."""
+        idle = self.worker.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
         self.client.close()
+        return idle
 
 
 def wait_for_signal() -> None:

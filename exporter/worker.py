@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class Worker:
         self.clock = clock
         self._scheduler: BackgroundScheduler | None = None
         self._last_failure: str | None = None
+        self._idle = threading.Event()
+        self._idle.set()
 
     def run_cycle(self) -> CycleReport:
         ev = self.cfg.evaluation
@@ -149,11 +152,14 @@ class Worker:
                 log.warning("families not computed: %s", ", ".join(broken))
 
     def _safe_cycle(self) -> None:
+        self._idle.clear()
         try:
             self.run_cycle()
         except Exception:  # the schedule must survive anything a cycle raises
             log.exception("cycle crashed")
             self.metrics.cycles.labels("failure").inc()
+        finally:
+            self._idle.set()
 
     def _on_missed(self, event: JobExecutionEvent) -> None:
         self.metrics.cycles_missed.inc()
@@ -177,12 +183,16 @@ class Worker:
         scheduler.start()
         self._scheduler = scheduler
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 2.0) -> bool:
+        """Stop scheduling; wait up to ``grace`` seconds for a running cycle.
+
+        Returns False when a cycle is still waiting on the upstream: the caller decides whether
+        to leave without it (its requests could take retries x timeout to give up).
+        """
         if self._scheduler is not None:
-            # Do not wait for a running cycle: its requests time out on their own, and the
-            # process is leaving.
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        return self._idle.wait(grace)
 
 
 def exposition(report: CycleReport, labels: Mapping[str, tuple[str, ...]]) -> bytes:

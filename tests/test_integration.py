@@ -274,3 +274,43 @@ def test_discover_names_what_is_missing(stack: Stack, tmp_path: Path) -> None:
     assert "no  gpu_instance:dcgm_tensor_active:avg  (needs DCGM_FI_PROF_PIPE_TENSOR_ACTIVE)" \
         in done.stdout
     assert "yes :triton_model_concurrency:ratio" in done.stdout
+
+
+def test_sigterm_during_a_slow_cycle_exits_0_within_5_seconds(tmp_path: Path) -> None:
+    """The upstream takes 30 s to answer: serve must not wait for it to leave."""
+    import http.server
+    import threading
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            time.sleep(30)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    slow.daemon_threads = True
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(f"upstream: {{url: 'http://127.0.0.1:{slow.server_address[1]}', "
+                   "timeout: 20s}\nweb: {listen_address: '127.0.0.1:0'}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "serve", "--config.file",
+                             str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        while "serving http://" not in proc.stderr.readline():
+            pass
+        time.sleep(1.0)  # the first cycle is now waiting on the slow upstream
+        started = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.time() - started < 5
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        slow.shutdown()
+        slow.server_close()
