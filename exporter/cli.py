@@ -148,7 +148,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     at = args.at if args.at is not None else evaluation_time(
         time.time(), ev.eval_delay, ev.interval)
     with upstream.PrometheusClient(cfg.upstream) as client:
-        report = compute(client, sel, at)
+        report = compute(client, sel, at, cfg.upstream.concurrency)
     for name, error in report.query_errors.items():
         print(f"error: base query {name}: {error}", file=sys.stderr)
     if report.query_errors and not report.frames:

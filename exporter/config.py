@@ -105,6 +105,9 @@ class UpstreamConfig(_Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     backoff: Duration = 0.5
     max_response_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    #: Base queries of one cycle in flight at once: with round-trip latency the cycle then
+    #: takes about its slowest query, not the sum.
+    concurrency: Annotated[int, Field(ge=1, le=32)] = 4
 
     @field_validator("url")
     @classmethod

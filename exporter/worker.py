@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,7 +23,7 @@ from exporter import catalog, derive
 from exporter.catalog import Selectors
 from exporter.config import Config
 from exporter.publish import Publisher, SelfMetrics, render_family
-from exporter.upstream import Querier, UpstreamError
+from exporter.upstream import Querier, QueryResult, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +59,47 @@ class CycleReport:
         return {k: v for k, v in self.derived.items() if isinstance(v, pd.DataFrame)}
 
 
-def query_base(querier: Querier, sel: Selectors, at: float, report: CycleReport) -> None:
-    """Run every base query at ``at``; failures are recorded per query, never raised."""
-    for query in catalog.BASE_QUERIES:
-        unreachable = next(
-            (e for e in report.query_errors.values() if e.reason in UNREACHABLE), None
-        )
-        if unreachable is not None:
-            # The upstream is down: the remaining queries would only wait out their retries.
-            report.query_errors[query.name] = unreachable
-            continue
+def query_base(
+    querier: Querier, sel: Selectors, at: float, report: CycleReport, concurrency: int = 1
+) -> None:
+    """Run every base query at ``at``, up to ``concurrency`` at once.
+
+    Failures are recorded per query, never raised. Once the upstream proves unreachable the
+    queries not yet sent are failed with the same error instead of waiting out their retries.
+    """
+    unreachable: list[UpstreamError] = []
+
+    def one(query: catalog.BaseQuery) -> tuple[str, QueryResult | UpstreamError]:
+        if unreachable:
+            return query.name, unreachable[0]
         try:
-            result = querier.instant(query.promql(sel), at)
+            return query.name, querier.instant(query.promql(sel), at)
         except UpstreamError as error:
-            report.query_errors[query.name] = error
-            continue
-        report.frames[query.name] = result.frame
-        report.warnings.extend(result.warnings)
+            if error.reason in UNREACHABLE:
+                unreachable.append(error)
+            return query.name, error
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="query") as pool:
+        results = list(pool.map(one, catalog.BASE_QUERIES))
+    for name, result in results:  # catalog order, whatever order the answers came in
+        if isinstance(result, UpstreamError):
+            report.query_errors[name] = result
+        else:
+            report.frames[name] = result.frame
+            report.warnings.extend(result.warnings)
 
 
 def series_labels(sel: Selectors) -> dict[str, tuple[str, ...]]:
     return {s.name: s.labels(sel) for s in catalog.SERIES}
 
 
-def compute(querier: Querier, sel: Selectors, at: float) -> CycleReport:
+def compute(
+    querier: Querier, sel: Selectors, at: float, concurrency: int = 1
+) -> CycleReport:
     """One cycle's figures at instant ``at`` (no publishing): what ``once`` prints."""
     started = time.monotonic()
     report = CycleReport(evaluated_at=at)
-    query_base(querier, sel, at, report)
+    query_base(querier, sel, at, report, concurrency)
     report.derived = derive.derive_all(report.frames, sel)
     report.seconds = time.monotonic() - started
     return report
@@ -118,7 +132,7 @@ class Worker:
         ev = self.cfg.evaluation
         started = time.monotonic()
         at = evaluation_time(self.clock(), ev.eval_delay, ev.interval)
-        report = compute(self.querier, self.sel, at)
+        report = compute(self.querier, self.sel, at, self.cfg.upstream.concurrency)
         self.publisher.publish(report.derived, self.labels, at, report.good)
         report.seconds = time.monotonic() - started
         self._account(report)
