@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus lint typecheck test test-unit demo docs clean
+.PHONY: install prometheus lint typecheck test test-unit demo docs fuzz clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -39,3 +39,7 @@ clean:
 
 docs: $(STAMP)
 	$(PY) -m exporter.docs README.md
+
+# Property tests with 10,000 examples each (make test runs them with a few hundred).
+fuzz: $(STAMP)
+	HYPOTHESIS_EXAMPLES=10000 $(PY) -m pytest -m fuzz -p no:timeout $(PYTEST_ARGS)
