@@ -1,4 +1,4 @@
-"""Command line: serve, once, check-config, discover, simulate, demo.
+"""Command line: serve, once, check-config, discover, report, simulate, demo.
 
 Flags follow Prometheus conventions (``--config.file``, ``--web.listen-address``). A bad
 configuration is a one-line usage error (exit 2), never a traceback.
@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from exporter import __version__, config, demo, discover, simulate, upstream
+from exporter import __version__, config, demo, discover, report, simulate, upstream
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.service import Service, wait_for_signal
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_config_flags(sub.add_parser(
         "discover", help="list the source series the upstream has and which families they allow"
+    ))
+    report.add_arguments(sub.add_parser(
+        "report", help="the notebook's historical analysis over a past range: table, summary, "
+        "plots"
     ))
     simulate.add_arguments(sub.add_parser(
         "simulate", help="run the Triton + dcgm-exporter fleet simulator"
@@ -168,6 +172,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "once": cmd_once,
     "check-config": cmd_check_config,
     "discover": cmd_discover,
+    "report": report.main_from_args,
     "simulate": simulate.main_from_args,
     "demo": demo.main_from_args,
 }
