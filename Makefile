@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus lint typecheck test test-unit demo docs fuzz clean
+.PHONY: install prometheus lint typecheck test test-unit demo docs fuzz dashboard clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -43,3 +43,7 @@ docs: $(STAMP)
 # Property tests with 10,000 examples each (make test runs them with a few hundred).
 fuzz: $(STAMP)
 	HYPOTHESIS_EXAMPLES=10000 $(PY) -m pytest -m fuzz -p no:timeout $(PYTEST_ARGS)
+
+# Generated files: regenerate after changing the catalog or config.yaml (tests fail on drift).
+dashboard: $(STAMP)
+	$(PY) -m exporter dashboard --config.file config.yaml

@@ -1,4 +1,4 @@
-"""Command line: serve, once, check-config, discover, report, simulate, demo.
+"""Command line: serve, once, check-config, discover, report, dashboard, simulate, demo.
 
 Flags follow Prometheus conventions (``--config.file``, ``--web.listen-address``). A bad
 configuration is a one-line usage error (exit 2), never a traceback.
@@ -16,7 +16,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from exporter import __version__, config, demo, discover, report, simulate, upstream
+from exporter import (
+    __version__,
+    config,
+    dashboard,
+    demo,
+    discover,
+    report,
+    simulate,
+    upstream,
+)
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.service import Service, wait_for_signal
@@ -94,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_arguments(sub.add_parser(
         "report", help="the notebook's historical analysis over a past range: table, summary, "
         "plots"
+    ))
+    dashboard.add_arguments(sub.add_parser(
+        "dashboard", help="render the Grafana dashboard from the catalog"
     ))
     simulate.add_arguments(sub.add_parser(
         "simulate", help="run the Triton + dcgm-exporter fleet simulator"
@@ -173,6 +185,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "discover": cmd_discover,
     "report": report.main_from_args,
+    "dashboard": dashboard.main_from_args,
     "simulate": simulate.main_from_args,
     "demo": demo.main_from_args,
 }
