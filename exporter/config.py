@@ -8,25 +8,37 @@ as YAML, so ``false``, ``30s`` and ``[a, b]`` mean what they look like.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
+import promql_parser
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 ENV_PREFIX = "TRITON_MIG_EXPORTER_"
+#: Validation context key: also check that the files the configuration names can be used
+#: (secrets readable and not empty, certificates loadable). :func:`load` and
+#: :func:`from_mapping` set it, so ``check-config`` and ``serve`` agree; models built in code
+#: without it do not touch the disk.
+CHECK_FILES = "check_files"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -76,15 +88,91 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _checking_files(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(CHECK_FILES))
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return _one_line(str(error)) or type(error).__name__
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _check_secret_file(key: str, path: Path) -> None:
+    """The secret file can be read and is not empty (its content is not kept or shown)."""
+    try:
+        empty = not path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{key}: cannot read {path}: {_why(error)}") from None
+    if empty:
+        raise ValueError(f"{key}: {path} is empty")
+
+
+def _check_ca_file(key: str, path: Path) -> None:
+    """The CA bundle is a readable file holding at least one PEM certificate."""
+    if not path.is_file():
+        raise ValueError(f"{key}: {path} is not a readable file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"{key}: cannot load {path} as a PEM CA bundle: {_why(error)}") from None
+
+
+def _no_key_password() -> bytes:
+    return b""  # an encrypted key fails to load instead of prompting on the terminal
+
+
+def _check_cert_and_key(cert: Path, key: Path) -> None:
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if not path.is_file():
+            raise ValueError(f"{name}: {path} is not a readable file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(cert), str(key), password=_no_key_password)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(
+            f"tls_cert_file: cannot load {cert} with key {key} (PEM, key not encrypted, "
+            f"matching the certificate): {_why(error)}"
+        ) from None
+
+
+def check_selector(value: str) -> str:
+    """``value`` if it is PromQL label matchers (``a="b", c=~"d.*"``), else ValueError.
+
+    Parsed with promql-parser as the matchers of ``x{...}``: anything that makes that more
+    than one plain vector selector (a closing brace, an operator, a modifier) is refused, so a
+    selector can never turn a base query into another query.
+    """
+    try:
+        expr = promql_parser.parse(f"x{{{value}}}")
+    except ValueError as error:
+        raise ValueError(f"not valid PromQL label matchers ({_one_line(str(error))})") from None
+    if (
+        not isinstance(expr, promql_parser.VectorSelector)
+        or expr.name != "x"
+        or expr.offset is not None
+        or expr.at is not None
+    ):
+        raise ValueError('must be label matchers only, such as namespace="triton"')
+    return value
+
+
 class BasicAuth(_Strict):
     username: str
-    password: str | None = None
+    password: SecretStr | None = None
     password_file: Path | None = None
 
     @model_validator(mode="after")
-    def _one_password(self) -> BasicAuth:
+    def _one_password(self, info: ValidationInfo) -> BasicAuth:
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
+        if self.password_file is not None and _checking_files(info):
+            _check_secret_file("password_file", self.password_file)
         return self
 
 
@@ -93,10 +181,16 @@ class TLS(_Strict):
     insecure_skip_verify: bool = False
     ca_file: Path | None = None
 
+    @model_validator(mode="after")
+    def _usable_ca_file(self, info: ValidationInfo) -> TLS:
+        if self.ca_file is not None and _checking_files(info):
+            _check_ca_file("ca_file", self.ca_file)
+        return self
+
 
 class UpstreamConfig(_Strict):
     url: str = "http://127.0.0.1:9090"
-    bearer_token: str | None = None
+    bearer_token: SecretStr | None = None
     bearer_token_file: Path | None = None
     basic_auth: BasicAuth | None = None
     headers: dict[str, str] = Field(default_factory=dict)
@@ -112,6 +206,11 @@ class UpstreamConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        # Credentials first, and never echoed: the URL would be logged and shown in errors.
+        if "@" in urlsplit(value.strip()).netloc:
+            raise ValueError(
+                "must not carry credentials (user:password@host); use basic_auth or a bearer token"
+            )
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
@@ -124,11 +223,13 @@ class UpstreamConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_token(self) -> UpstreamConfig:
+    def _one_token(self, info: ValidationInfo) -> UpstreamConfig:
         if self.bearer_token is not None and self.bearer_token_file is not None:
             raise ValueError("set bearer_token or bearer_token_file, not both")
         if (self.bearer_token or self.bearer_token_file) and self.basic_auth:
             raise ValueError("set a bearer token or basic_auth, not both")
+        if self.bearer_token_file is not None and _checking_files(info):
+            _check_secret_file("bearer_token_file", self.bearer_token_file)
         return self
 
 
@@ -163,16 +264,74 @@ class EvaluationConfig(_Strict):
         return self.staleness if self.staleness is not None else 3 * self.interval
 
 
+#: A password hash for web.basic_auth_users, in passlib's pbkdf2-sha256 format:
+#: ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>``, salt and checksum in "adapted base64" (``./``
+#: instead of ``+/``, no padding). ``exporter.web.hash_password`` makes one.
+PASSWORD_HASH = re.compile(
+    r"^\$pbkdf2-sha256\$([1-9][0-9]{0,9})\$([./A-Za-z0-9]{4,})\$([./A-Za-z0-9]{43})$"
+)
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    # Digits and dots only is meant as an IPv4 address, and this one is not.
+    return not re.fullmatch(r"[0-9.]+", host) and bool(_HOSTNAME.match(host))
+
+
 class WebConfig(_Strict):
     listen_address: str = ":9410"
+    #: Serve over HTTPS with this certificate (PEM, chain included) and its key; both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: HTTP basic auth on /metrics and the landing page: username -> password hash
+    #: (:data:`PASSWORD_HASH`). /healthz and /readyz stay open for probes.
+    basic_auth_users: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("listen_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        _, sep, port = value.rpartition(":")
+        host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"must be HOST:PORT or :PORT, got {value!r}")
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if bare and not _valid_host(bare):
+            raise ValueError(f"{host!r} is not an IP address or host name (HOST:PORT or :PORT)")
         return value
+
+    @field_validator("basic_auth_users")
+    @classmethod
+    def _password_hashes(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, hashed in value.items():
+            if not user or ":" in user:
+                raise ValueError(f"user name {user!r} must be non-empty and without ':'")
+            if not PASSWORD_HASH.match(hashed):
+                # The value is not shown: it may be a password pasted where its hash belongs.
+                raise ValueError(
+                    f"the value for user {user!r} is not a $pbkdf2-sha256$ password hash "
+                    "(make one with exporter.web.hash_password)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self, info: ValidationInfo) -> WebConfig:
+        cert, key = self.tls_cert_file, self.tls_key_file
+        if (cert is None) != (key is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if cert is not None and key is not None and _checking_files(info):
+            _check_cert_and_key(cert, key)
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -180,16 +339,20 @@ class WebConfig(_Strict):
         return host.strip("[]") or "0.0.0.0", int(port)
 
 
+#: PromQL label matchers, checked with :func:`check_selector`.
+Selector = Annotated[str, AfterValidator(check_selector)]
+
+
 class TritonConfig(_Strict):
     #: Extra label matchers for every Triton series, e.g. 'namespace="triton"'.
-    selector: str = ""
+    selector: Selector = ""
     model_label: LabelName = "model"
     version_label: LabelName = "version"
     pod_label: LabelName = "pod"
 
 
 class DCGMConfig(_Strict):
-    selector: str = 'exported_container="triton", exported_namespace="triton"'
+    selector: Selector = 'exported_container="triton", exported_namespace="triton"'
     slice_labels: list[LabelName] = Field(
         default_factory=lambda: ["instance", "device", "GPU_I_ID", "GPU_I_PROFILE"]
     )
@@ -209,6 +372,53 @@ class DCGMConfig(_Strict):
         return value
 
 
+_RESERVED_ALERT_LABELS = frozenset({"alertname", "severity"})
+
+
+class RulesConfig(_Strict):
+    """Settings of the rule files ``triton-mig-exporter rules`` renders (``exporter.rules``)."""
+
+    #: How often Prometheus (or a ruler) evaluates the generated rule groups.
+    group_interval: Duration = 30.0
+    #: The scrape job of the exporter: the exporter alerts select ``up`` and its self-metrics.
+    exporter_job: Annotated[str, Field(min_length=1)] = "triton-mig-exporter"
+    #: Where docs/runbook.md is served; alerts link to ``<runbook_url>#<alertname lowercased>``.
+    runbook_url: Annotated[str, Field(min_length=1)] = "docs/runbook.md"
+    #: Extra labels on every alert (routing, team); alertname and severity are the rules' own.
+    alert_labels: dict[LabelName, str] = Field(default_factory=dict)
+    #: TritonInferenceRateMismatch: the drift ratio is off 1 by more than this ...
+    drift_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    #: ... for this long, while the fleet serves traffic.
+    mismatch_for: Duration = 600.0
+    #: TritonMigExporterUpstreamDown: upstream_up == 0 for this long.
+    upstream_down_for: Duration = 300.0
+    #: TritonMigExporterStale: no successful cycle for more than this.
+    stale_for: Duration = 900.0
+    #: TritonMigExporterAbsent: no exporter target up for this long.
+    absent_for: Duration = 300.0
+    #: TritonMigSlicesIdle / TritonMigSliceIdle: slices idle for this long.
+    idle_for: Duration = 3600.0
+    #: TritonModelQueueTimeHigh: queue time over this share of request time ...
+    queue_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    #: ... for this long.
+    queue_for: Duration = 900.0
+
+    @field_validator("group_interval", "stale_for")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator("alert_labels")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in value if k in _RESERVED_ALERT_LABELS or k.startswith("__"))
+        if reserved:
+            raise ValueError(f"{reserved} are set by the rules themselves")
+        return value
+
+
 class Config(_Strict):
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -217,6 +427,7 @@ class Config(_Strict):
     replica_labels: list[LabelName] = Field(default_factory=lambda: ["prometheus_replica"])
     triton: TritonConfig = Field(default_factory=TritonConfig)
     dcgm: DCGMConfig = Field(default_factory=DCGMConfig)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
 
     @model_validator(mode="after")
     def _labels_distinct(self) -> Config:
@@ -242,7 +453,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"environment: {name}: conflicts with another variable")
-        node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(f"environment: {name}: not a valid YAML value") from None
     return overrides
 
 
@@ -259,7 +473,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _format_error(source: str, error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
+    message = _one_line(first["msg"].removeprefix("Value error, "))
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     more = len(error.errors()) - 1
@@ -277,7 +491,7 @@ def from_mapping(
     merged = _merge(dict(data), _env_overrides(os.environ if environ is None else environ))
     merged = _merge(merged, overrides or {})
     try:
-        return Config.model_validate(merged)
+        return Config.model_validate(merged, context={CHECK_FILES: True})
     except ValidationError as error:
         raise ConfigError(_format_error(source, error)) from None
 
@@ -295,6 +509,8 @@ def load(
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -302,7 +518,12 @@ def load(
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}: not valid YAML{where}") from None
     if data is None:
-        data = {}
+        # Nothing but comments (or nothing at all): most likely a mount or template that went
+        # wrong. Leave out --config.file to run on the built-in defaults.
+        raise ConfigError(
+            f"{source}: (top level): empty configuration file "
+            "(without --config.file the built-in defaults apply)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: (top level): expected a mapping of keys")
     return from_mapping(data, source, environ, overrides)

@@ -7,20 +7,35 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from http.server import ThreadingHTTPServer
 from types import FrameType
 
 from exporter import upstream, web
-from exporter.config import Config
+from exporter.config import Config, ConfigError
 from exporter.publish import Publisher, SelfMetrics
 from exporter.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
+#: Libraries whose routine lines repeat, every cycle, what the worker says once per change:
+#: the scheduler logs each run (and each skipped tick, which cycles_missed counts), urllib3 each
+#: retry (the cycle's failure line names the cause). Below --log.level debug they only speak up
+#: at this level.
+QUIET_LOGGERS = {"apscheduler": logging.ERROR, "urllib3": logging.ERROR}
+
+
+def quiet_libraries() -> None:
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+
+
 class Service:
     def __init__(self, cfg: Config) -> None:
+        quiet_libraries()
         self.cfg = cfg
         self.publisher = Publisher(cfg.evaluation.staleness_bound)
         self.metrics = SelfMetrics(self.publisher)
@@ -28,16 +43,30 @@ class Service:
             cfg.upstream, on_request=self.metrics.observe_request
         )
         self.worker = Worker(cfg, self.client, self.publisher, self.metrics)
+        w = cfg.web
+        self.tls: web.TLSFiles | None = None
+        if w.tls_cert_file is not None and w.tls_key_file is not None:
+            try:
+                self.tls = web.TLSFiles(w.tls_cert_file, w.tls_key_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ConfigError(
+                    f"{w.tls_cert_file}: web.tls_cert_file: cannot load: {error}"
+                ) from None
+        self.auth = web.BasicAuth(w.basic_auth_users) if w.basic_auth_users else None
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
         """Listen first (so a busy port fails fast), then start cycling."""
         host, port = self.cfg.web.host_port
-        self._server = web.serve(web.App(self.publisher, self.metrics), host, port)
+        app = web.App(self.publisher, self.metrics, self.auth)
+        self._server = web.serve(app, host, port, tls=self.tls)
         self.worker.start()
+        if self.auth is not None and self.tls is None:
+            log.warning("web.basic_auth_users without web.tls_cert_file: passwords are sent "
+                        "in clear text")
         log.info(
             "serving %s; upstream %s every %gs, window %gs",
-            self.metrics_url, self.cfg.upstream.url, self.cfg.evaluation.interval,
+            self.metrics_url, self.client.url, self.cfg.evaluation.interval,
             self.cfg.evaluation.window,
         )
 
@@ -51,7 +80,10 @@ class Service:
     def metrics_url(self) -> str:
         host, port = self.address
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        return f"http://{shown}:{port}/metrics"
+        if ":" in shown:
+            shown = f"[{shown}]"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{shown}:{port}/metrics"
 
     def stop(self) -> bool:
         """Stop; False when a cycle was still running (see :meth:`Worker.stop`)."""

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import threading
 import time
 import warnings
@@ -225,13 +226,18 @@ def _timestamp(raw: object) -> float:
     raise ValueError(f"timestamp is not a number: {raw!r}")
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
+
+
 def _sample(raw: object, where: str, query: str | None) -> tuple[float, float]:
     if type(raw) is not list or len(raw) != 2:
-        raise _bad(f'{where} is not a [timestamp, "value"] pair: {_one_line(repr(raw), 60)}', query)
+        shown = _one_line(_SHORT.repr(raw), 60)  # bounded, whatever the nesting
+        raise _bad(f'{where} is not a [timestamp, "value"] pair: {shown}', query)
     try:
         return _timestamp(raw[0]), _float(raw[1])
-    except (ValueError, TypeError) as error:
-        raise _bad(f"{where}: {error}", query) from None
+    except (ValueError, TypeError, OverflowError) as error:  # Overflow: a 400-digit integer
+        raise _bad(f"{where}: {str(error)[:_DETAIL_SHOWN]}", query) from None
 
 
 def _series_metric(item: object, index: int, query: str | None) -> Mapping[str, Any]:
@@ -299,6 +305,12 @@ def _label_columns(
         column = [m.get(name, "") for m in metrics]
         if not _types_within(column, _STR):
             raise _bad(f"label {name!r} has a value that is not a string", query)
+        try:
+            # JSON can escape a lone surrogate (\ud800) no exposition can encode: refuse it
+            # here, as the bad answer it is, rather than fail rendering the whole cycle.
+            "".join(column).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(f"label {name!r} has a value that is not valid Unicode", query) from None
         columns[name] = column
     return columns
 
@@ -496,10 +508,12 @@ class _Auth(requests.auth.AuthBase):
         self._bearer: _Secret | None = None
         self._basic: tuple[str, _Secret] | None = None
         if cfg.bearer_token is not None or cfg.bearer_token_file is not None:
-            self._bearer = _Secret(cfg.bearer_token, cfg.bearer_token_file, "bearer token")
+            token = cfg.bearer_token.get_secret_value() if cfg.bearer_token else None
+            self._bearer = _Secret(token, cfg.bearer_token_file, "bearer token")
         elif cfg.basic_auth is not None:
             basic = cfg.basic_auth
-            password = _Secret(basic.password, basic.password_file, "basic auth password")
+            inline = basic.password.get_secret_value() if basic.password else None
+            password = _Secret(inline, basic.password_file, "basic auth password")
             self._basic = (basic.username, password)
 
     def header(self) -> str | None:
@@ -577,6 +591,10 @@ class PrometheusClient:
         self._insecure = cfg.tls.insecure_skip_verify
         self._verify: bool | str
         if self._insecure:
+            log.warning(
+                "upstream.tls.insecure_skip_verify is on: the certificate of %s is not verified",
+                _safe_url(self._base),
+            )
             self._verify = False
         elif cfg.tls.ca_file is not None:
             if not cfg.tls.ca_file.is_file():
@@ -691,13 +709,16 @@ class PrometheusClient:
             yield
         except UpstreamError as error:
             outcome = error.reason
-            if endpoint is not None and error.query is None and error.endpoint is None:
+            detail = self._redact(error.detail)
+            named = endpoint is not None and error.query is None and error.endpoint is None
+            if named or detail != error.detail:
                 raise UpstreamError(
                     error.reason,
-                    error.detail,
+                    detail,
+                    query=error.query,
                     status=error.status,
-                    endpoint=endpoint,
-                    error_type=error.error_type,
+                    endpoint=endpoint if named else error.endpoint,
+                    error_type=error.error_type and self._redact(error.error_type),
                 ) from None
             raise
         finally:
@@ -707,11 +728,20 @@ class PrometheusClient:
                 except Exception:
                     log.exception("on_request callback failed")
 
+    def _secrets(self) -> list[str]:
+        return [s for s in [*self._auth.secrets(), *self._redact_values] if len(s) >= 3]
+
     def _redact(self, text: str) -> str:
-        for secret in [*self._auth.secrets(), *self._redact_values]:
-            if len(secret) >= 3:
-                text = text.replace(secret, "<redacted>")
+        for secret in self._secrets():
+            text = text.replace(secret, "<redacted>")
         return text
+
+    def _redact_body(self, body: bytearray) -> bytearray:
+        for secret in self._secrets():
+            for form in _json_forms(secret):
+                if form in body:
+                    body = body.replace(form, b"<redacted>")
+        return body
 
     def _error(
         self,
@@ -763,6 +793,9 @@ class PrometheusClient:
             body = self._read(response, limit, truncate=status >= 300, query=query, path=endpoint)
         finally:
             response.close()
+        # An upstream (or a proxy) may echo the request's credentials into its answer: errors,
+        # warnings, anything later shown or logged. Remove them before the body is looked at.
+        body = self._redact_body(body)
         log.debug(
             "%s %s -> %d, %d bytes in %.3fs",
             method,
@@ -774,7 +807,7 @@ class PrometheusClient:
         if 200 <= status < 300:
             try:
                 return json.loads(body)
-            except (ValueError, UnicodeDecodeError) as error:
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:
                 raise self._error(
                     "bad_response",
                     f"HTTP {status} with a body that is not valid JSON ({error}); "
@@ -812,7 +845,11 @@ class PrometheusClient:
         truncate: bool,
         query: str | None,
         path: str,
-    ) -> bytes:
+    ) -> bytearray:
+        """The body, read up to ``limit`` bytes: beyond it truncated or refused as too_large.
+
+        One growing buffer, not a list of chunks joined at the end: the peak is the body once.
+        """
         declared = response.headers.get("Content-Length", "")
         if not truncate and declared.isdigit() and int(declared) > limit:
             raise self._error(
@@ -822,29 +859,32 @@ class PrometheusClient:
                 endpoint=path,
                 status=response.status_code,
             )
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()
+        over = False
         try:
             for chunk in response.iter_content(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    if truncate:
-                        chunks.append(chunk[: limit - (size - len(chunk))])
-                        break
-                    raise self._error(
-                        "too_large",
-                        f"answer exceeds max_response_bytes={limit}",
-                        query=query,
-                        endpoint=path,
-                        status=response.status_code,
-                    )
-                chunks.append(chunk)
+                room = limit - len(body)
+                if len(chunk) > room:
+                    body += chunk[:room]
+                    over = True
+                    break
+                body += chunk
         except requests.RequestException as error:
+            body = bytearray()  # the error's traceback must not keep the partial body alive
             reason, detail = self._classify(error)
             raise self._error(
                 reason, f"reading the answer: {detail}", query=query, endpoint=path
             ) from None
-        return b"".join(chunks)
+        if over and not truncate:
+            body = bytearray()
+            raise self._error(
+                "too_large",
+                f"answer exceeds max_response_bytes={limit}",
+                query=query,
+                endpoint=path,
+                status=response.status_code,
+            )
+        return body
 
     def _classify(self, error: requests.RequestException) -> tuple[Reason, str]:
         cause: BaseException | None = error.args[0] if error.args else None
@@ -865,13 +905,23 @@ class PrometheusClient:
         )
 
 
+def _json_forms(secret: str) -> set[bytes]:
+    """The ways ``secret`` can be spelled inside a JSON (or plain) body."""
+    return {
+        secret.encode(),
+        json.dumps(secret)[1:-1].encode(),
+        json.dumps(secret, ensure_ascii=False)[1:-1].encode(),
+        json.dumps(secret)[1:-1].replace("/", "\\/").encode(),
+    }
+
+
 def _time(value: float) -> str:
     if not math.isfinite(value):
         raise ValueError(f"time must be finite, got {value!r}")
     return f"{value:.3f}"
 
 
-def _error_text(body: bytes) -> tuple[str, str | None]:
+def _error_text(body: bytes | bytearray) -> tuple[str, str | None]:
     """The API's ``errorType: error`` from an error body, or the start of a non-JSON body."""
     try:
         payload = json.loads(body)

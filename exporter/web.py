@@ -1,18 +1,47 @@
 """The HTTP endpoints: /metrics, /healthz, /readyz and a landing page.
 
 Handlers only read the current snapshot; they never wait for a cycle.
+
+Optionally (``web:`` in the configuration) the endpoints are served over TLS and /metrics and
+the landing page sit behind HTTP basic auth. /healthz and /readyz stay open: they tell nothing
+but "up" and "ready", and kubelet probes carry no credentials. Passwords are stored as
+pbkdf2-sha256 hashes in passlib's format (:func:`hash_password`); a verified (user, password)
+is remembered (as an HMAC under a per-process key, never the password) so a scraper pays the
+hash once, not on every scrape.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import logging
+import os
+import secrets
+import socket
+import ssl
+import sys
 import threading
+from collections import OrderedDict
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 from exporter import __version__
+from exporter.config import PASSWORD_HASH
 from exporter.publish import CONTENT_TYPE, Publisher, SelfMetrics
 
 log = logging.getLogger(__name__)
+
+#: Seconds a client gets for the TLS handshake, and for each read or write after it.
+HANDSHAKE_TIMEOUT = 10.0
+IO_TIMEOUT = 30.0
+#: Rounds :func:`hash_password` uses (OWASP's 2023 figure for PBKDF2-HMAC-SHA256).
+DEFAULT_ROUNDS = 600_000
+_REALM = 'Basic realm="triton-mig-exporter", charset="UTF-8"'
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 _LANDING = """<html><head><title>triton-mig-exporter</title></head><body>
 <h1>triton-mig-exporter {version}</h1>
@@ -21,10 +50,138 @@ _LANDING = """<html><head><title>triton-mig-exporter</title></head><body>
 """
 
 
+# --- passwords ----------------------------------------------------------------------------------
+
+
+def _ab64_encode(raw: bytes) -> str:
+    """passlib's "adapted base64": standard base64 with ``.`` for ``+``, no padding."""
+    return base64.b64encode(raw).decode("ascii").rstrip("=").replace("+", ".")
+
+
+def _ab64_decode(text: str) -> bytes:
+    padded = text.replace(".", "+") + "=" * (-len(text) % 4)
+    return base64.b64decode(padded, validate=True)
+
+
+def hash_password(password: str, rounds: int = DEFAULT_ROUNDS, salt: bytes | None = None) -> str:
+    """A ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>`` hash for ``web.basic_auth_users``.
+
+    The same format as passlib's ``pbkdf2_sha256.hash``; from a shell::
+
+        python -c 'import getpass; from exporter.web import hash_password; \\
+            print(hash_password(getpass.getpass()))'
+    """
+    salt = secrets.token_bytes(16) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)
+    return f"$pbkdf2-sha256${rounds}${_ab64_encode(salt)}${_ab64_encode(digest)}"
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    """Whether ``password`` matches ``hashed`` (constant-time comparison)."""
+    match = PASSWORD_HASH.match(hashed)
+    if match is None:
+        return False
+    try:
+        salt, expected = _ab64_decode(match.group(2)), _ab64_decode(match.group(3))
+    except (binascii.Error, ValueError):
+        return False
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, int(match.group(1)))
+    return hmac.compare_digest(digest, expected)
+
+
+class BasicAuth:
+    """Checks ``Authorization: Basic`` headers against ``users`` (user name -> hash)."""
+
+    CACHE_SIZE = 256
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        self._users = dict(users)
+        self._key = secrets.token_bytes(32)
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+        # Unknown users are checked against this, so they take as long as known ones.
+        some = next(iter(self._users.values()), hash_password("", 1))
+        rounds = PASSWORD_HASH.match(some)
+        self._dummy = hash_password(secrets.token_hex(8), int(rounds.group(1)) if rounds else 1)
+
+    def __call__(self, header: str | None) -> bool:
+        if not header or header[:6].lower() != "basic ":
+            return False
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            return False
+        key = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        with self._lock:
+            if key in self._verified:
+                self._verified.move_to_end(key)
+                return True
+        hashed = self._users.get(user)
+        ok = verify_password(password, hashed if hashed is not None else self._dummy)
+        if ok and hashed is not None:
+            with self._lock:
+                self._verified[key] = None
+                while len(self._verified) > self.CACHE_SIZE:
+                    self._verified.popitem(last=False)
+            return True
+        return False
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+class TLSFiles:
+    """A server TLS context from a certificate and key, reloaded when either file changes
+    (cert-manager and friends rotate them in place); a failed reload keeps the last context."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._context = self._load()  # OSError / ssl.SSLError at start-up, not per connection
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        stamps = []
+        for path in (self.cert, self.key):
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_ino, st.st_size))
+            except OSError:
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.cert), str(self.key), password=lambda: b"")
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        stamp = self._stat()
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._context = self._load()
+                    log.info("reloaded the TLS certificate %s", self.cert)
+                except (OSError, ssl.SSLError) as error:
+                    log.warning("keeping the previous TLS certificate: %s", error)
+            return self._context
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
 class App:
-    def __init__(self, publisher: Publisher, metrics: SelfMetrics) -> None:
+    def __init__(
+        self, publisher: Publisher, metrics: SelfMetrics, auth: BasicAuth | None = None
+    ) -> None:
         self.publisher = publisher
         self.metrics = metrics
+        self.auth = auth
 
     def metrics_body(self, gzipped: bool) -> bytes:
         # Self-metrics first (small, rendered per scrape), then the cycle's pre-rendered bytes.
@@ -34,14 +191,21 @@ class App:
         publisher = self.publisher
         return publisher.ready(publisher.snapshot, publisher.clock())
 
+    def allowed(self, path: str, authorization: str | None) -> bool:
+        return self.auth is None or path in _OPEN_PATHS or self.auth(authorization)
+
 
 def _handler(app: App) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"triton-mig-exporter/{__version__}"
+        timeout = IO_TIMEOUT  # a client that stalls mid-request frees its thread
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            if not app.allowed(path, self.headers.get("Authorization")):
+                self._send(401, b"unauthorized\n", "text/plain",
+                           extra={"WWW-Authenticate": _REALM})
+            elif path == "/metrics":
                 gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
                 body = app.metrics_body(gzipped)
                 self._send(200, body, CONTENT_TYPE, "gzip" if gzipped else None)
@@ -59,11 +223,13 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self._send(404, b"not found\n", "text/plain")
 
         def _send(self, status: int, body: bytes, content_type: str,
-                  encoding: str | None = None) -> None:
+                  encoding: str | None = None, extra: Mapping[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             if encoding:
                 self.send_header("Content-Encoding", encoding)
+            for name, value in (extra or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -74,10 +240,45 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(app: App, host: str, port: int) -> ThreadingHTTPServer:
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    #: The listen backlog. socketserver's default of 5 drops the connections of a burst of
+    #: scrapers beyond it, and their clients wait out SYN retransmits (1 s, 3 s, 7 s, ...).
+    request_queue_size = socket.SOMAXCONN
+    tls: TLSFiles | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake (so a client that never finishes
+        one holds up nobody else), then the request."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            connection = self.tls.context().wrap_socket(request, server_side=True)
+        except OSError as error:  # ssl.SSLError included: plain HTTP, a bad client certificate
+            log.debug("TLS handshake with %s failed: %s", client_address[0], error)
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            self.shutdown_request(connection)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper hanging up mid-answer is routine: one debug line, not a traceback on stderr.
+        error = sys.exc_info()[1]
+        log.debug("connection from %s ended: %s: %s", client_address[0],
+                  type(error).__name__, error)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def serve(app: App, host: str, port: int, *, tls: TLSFiles | None = None) -> ThreadingHTTPServer:
     """Start serving in a daemon thread; the caller shuts the returned server down."""
-    server = ThreadingHTTPServer((host, port), _handler(app))
-    server.daemon_threads = True
+    server = (_Server6 if ":" in host else _Server)((host, port), _handler(app))
+    server.tls = tls
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return server

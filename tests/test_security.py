@@ -1,0 +1,330 @@
+"""Secrets and TLS, end to end (issue 6, security).
+
+The upstream's credentials never show in the config's repr, the logs (at debug level), errors
+or /metrics, even when the upstream echoes them back; a rotated token file is used without a
+restart; the upstream's certificate is verified by default, against a CA bundle when given,
+and not at all only with a warning; /metrics can be served over TLS behind basic auth.
+
+Certificates are made for each run with ``openssl`` (a CA and a server certificate for
+127.0.0.1 signed by it). The fake upstream and the ``serve`` wrapper are test_hardening's.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from test_hardening import (
+    DERIVED,
+    FLEET_RATE,
+    PREFIX,
+    FakeUpstream,
+    Reply,
+    Seen,
+    derived,
+    encode,
+    exporter_config,
+    finish,
+    payload,
+    start_fake,
+    start_serve,
+    value,
+)
+
+from exporter import config, web
+from exporter.config import Config
+from exporter.service import QUIET_LOGGERS, Service
+from exporter.web import hash_password, verify_password
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "tok-3f9a-SECRET-one"
+ROTATED = "tok-77c1-SECRET-two"
+PASSWORD = "pw/+=\"SECRET\\three"
+SCRAPE_PASSWORD = "scrape-SECRET-four"
+
+
+# --- certificates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make the test certificates")
+    folder = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=triton-mig-exporter test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", *ec, "-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+        "-set_serial", "2", "-days", "2", "-out", "cert.pem", "-extfile", "server.ext")
+    return PKI(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+
+
+@pytest.fixture
+def cleanup() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+# --- the configuration ------------------------------------------------------------------------
+
+
+def test_the_config_never_shows_its_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    for upstream in ({"bearer_token": TOKEN},
+                     {"basic_auth": {"username": "exporter", "password": PASSWORD}}):
+        path.write_text(yaml.safe_dump({"upstream": upstream}))
+        cfg = config.load(path, environ={})
+        for text in (repr(cfg), str(cfg), cfg.model_dump_json(), repr(cfg.upstream),
+                     repr(cfg.model_dump())):
+            assert TOKEN not in text and PASSWORD not in text
+        auth = cfg.upstream.basic_auth
+        secret = cfg.upstream.bearer_token or (auth.password if auth else None)
+        assert secret is not None and secret.get_secret_value() in (TOKEN, PASSWORD)
+    # From the environment too.
+    cfg = config.load(None, environ={"TRITON_MIG_EXPORTER_UPSTREAM__BEARER_TOKEN": TOKEN})
+    assert TOKEN not in repr(cfg)
+
+
+# --- serve at debug level, against an upstream that echoes the credentials --------------------
+
+
+def echo_credentials(fake: FakeUpstream, seen: Seen) -> Reply:
+    """Every kind of answer the client reads, each carrying the Authorization header."""
+    header = seen.headers.get("authorization", "")
+    if seen.name == "count":
+        return Reply(401, encode({"status": "error", "errorType": "unauthorized",
+                                  "error": f"bad credentials: {header}"}))
+    if seen.name == "success":
+        return Reply(500, f"<html>upstream rejected {header}</html>".encode())
+    if seen.name == "failure":  # warnings and infos are logged at debug level
+        return Reply(body=encode({**payload([]), "warnings": [f"got {header}"],
+                                  "infos": [header]}))
+    if seen.name == "exec":
+        return Reply(body=encode({"status": "error", "errorType": "execution",
+                                  "error": json.dumps(header)}))
+    if seen.name == "cache_hits":
+        return Reply(body=f"{header} is not JSON".encode())
+    if seen.name == "request_us":
+        return Reply(302, b"", {"Location": f"http://login.test/?auth={header}"})
+    if seen.name == "queue_us":
+        return Reply(body=encode(payload([{"metric": {}, "value": [1, header]}])))
+    return fake.valid(seen)
+
+
+def secrets_sent(fake: FakeUpstream) -> set[str]:
+    return {x.headers.get("authorization", "") for x in fake.seen} - {""}
+
+
+@pytest.mark.parametrize("auth", ["bearer_token_file", "basic_auth"])
+def test_serve_at_debug_level_never_leaks_the_credentials(
+    auth: str, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+    fake.answer = lambda seen: echo_credentials(fake, seen)
+    cfg = exporter_config(fake.url)
+    token_file = tmp_path / "token"
+    if auth == "bearer_token_file":
+        token_file.write_text(TOKEN + "\n")
+        cfg["upstream"]["bearer_token_file"] = str(token_file)
+        secrets = [TOKEN, ROTATED]
+    else:
+        cfg["upstream"]["basic_auth"] = {"username": "exporter", "password": PASSWORD}
+        secrets = [PASSWORD, base64.b64encode(f"exporter:{PASSWORD}".encode()).decode(),
+                   json.dumps(PASSWORD)[1:-1]]
+    serve = start_serve(cleanup, cfg, tmp_path, "--log.level", "debug")
+    serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="partial") or 0) >= 2, 10,
+                "two cycles answered with echoed credentials")
+    if auth == "bearer_token_file":
+        # Rotation, the Kubernetes way (a new file renamed over the old one): used from the
+        # next request on, by the same process.
+        pid = serve.proc.pid
+        fresh = tmp_path / "token.new"
+        fresh.write_text(ROTATED + "\n")
+        os.replace(fresh, token_file)
+        rotated = time.monotonic()
+        from exporter.promserver import wait_for
+
+        wait_for(lambda: f"Bearer {ROTATED}" in {x.headers.get("authorization") for x in
+                                                 fake.since(rotated)}, 5, what="the new token")
+        assert serve.proc.pid == pid and serve.proc.poll() is None
+        assert f"Bearer {TOKEN}" not in {x.headers.get("authorization")
+                                         for x in fake.since(time.monotonic() - 0.2)}
+        assert any(f"re-read the bearer token from {token_file}" in line for line in serve.lines)
+        serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="partial") or 0) >= 4,
+                    10, "cycles with the new token")
+    metrics = serve.get("/metrics").text
+    finish(serve)
+
+    assert secrets_sent(fake), "the upstream did receive credentials"
+    log = "\n".join(serve.lines)
+    assert " DEBUG " in log and "<redacted>" in log
+    for secret in secrets:
+        assert secret not in log
+        assert secret not in metrics
+        assert secret not in repr(config.load(tmp_path / "exporter.yaml", environ={}))
+    assert "Traceback" not in log
+
+
+# --- TLS to the upstream ------------------------------------------------------------------------
+
+
+def https_config(fake: FakeUpstream, **tls: Any) -> dict[str, Any]:
+    return exporter_config(fake.url, tls=tls)
+
+
+def test_upstream_certificate_is_verified_by_default(
+    pki: PKI, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup, tls=pki.server_context())
+    serve = start_serve(cleanup, https_config(fake), tmp_path)
+    s = serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="failure") or 0) >= 2,
+                    10, "two failed cycles")
+    assert (value(s, PREFIX + "upstream_requests_total", outcome="connection") or 0) >= 2
+    assert not derived(s)
+    assert fake.seen == []  # no request got past the handshake
+    [line] = serve.warnings()
+    assert "TLS error talking to https://127.0.0.1:" in line and "CERTIFICATE_VERIFY_FAILED" in line
+    finish(serve)
+
+
+def test_insecure_skip_verify_warns_at_start_and_connects(
+    pki: PKI, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup, tls=pki.server_context())
+    serve = start_serve(cleanup, https_config(fake, insecure_skip_verify=True), tmp_path)
+    s = serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+    [line] = serve.warnings()
+    assert f"insecure_skip_verify is on: the certificate of {fake.url} is not verified" in line
+    assert serve.lines.index(line) < next(
+        i for i, x in enumerate(serve.lines) if " serving https" in x or " serving http" in x)
+    finish(serve)
+
+
+# --- a CA bundle, and /metrics over TLS behind basic auth -------------------------------------
+
+
+def test_ca_bundle_and_metrics_over_tls_behind_basic_auth(
+    pki: PKI, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup, tls=pki.server_context())
+    cfg = https_config(fake, ca_file=str(pki.ca))
+    cfg["web"] |= {"tls_cert_file": str(pki.cert), "tls_key_file": str(pki.key),
+                   "basic_auth_users": {"prometheus": hash_password(SCRAPE_PASSWORD, 10_000)}}
+    serve = start_serve(cleanup, cfg, tmp_path, verify=str(pki.ca),
+                        auth=("prometheus", SCRAPE_PASSWORD))
+    assert serve.url.startswith("https://127.0.0.1:")
+    s = serve.until(lambda s: derived(s) == DERIVED, 10, "every family over the CA bundle")
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+
+    url = serve.url
+    refused = requests.get(url + "/metrics", verify=str(pki.ca), timeout=5)
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"].startswith('Basic realm="triton-mig-exporter"')
+    assert PREFIX not in refused.text
+    for user, password in (("prometheus", "wrong"), ("nobody", SCRAPE_PASSWORD)):
+        answer = requests.get(url + "/metrics", auth=(user, password), verify=str(pki.ca),
+                              timeout=5)
+        assert answer.status_code == 401
+    assert requests.get(url + "/", verify=str(pki.ca), timeout=5).status_code == 401
+    for probe in ("/healthz", "/readyz"):  # open for kubelet probes, which carry no password
+        assert requests.get(url + probe, verify=str(pki.ca), timeout=5).status_code == 200
+
+    # It is TLS: the system CAs do not know ours, and plain HTTP gets nowhere.
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url + "/healthz", timeout=5)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(url.replace("https://", "http://") + "/healthz", timeout=5)
+    # A client that connects and never says hello holds up nobody else.
+    host, port = url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5):
+        started = time.monotonic()
+        assert serve.get("/metrics").status_code == 200
+        assert time.monotonic() - started < 1.0
+    finish(serve)
+    assert not [line for line in serve.lines if SCRAPE_PASSWORD in line]
+
+
+# --- in-process: password hashes and the start-up warning -------------------------------------
+
+
+def test_password_hashes() -> None:
+    hashed = hash_password("correct horse", rounds=1000)
+    assert config.PASSWORD_HASH.match(hashed)
+    assert hashed.startswith("$pbkdf2-sha256$1000$")
+    assert verify_password("correct horse", hashed)
+    assert not verify_password("correct horse ", hashed)
+    assert not verify_password("correct horse", "$pbkdf2-sha256$1000$AAAA$" + "A" * 43)
+    assert hash_password("x", 1000) != hash_password("x", 1000)  # salted
+    check = web.BasicAuth({"u": hashed})
+    header = "Basic " + base64.b64encode(b"u:correct horse").decode()
+    assert check(header) and check(header)  # the second from the cache
+    assert not check(None) and not check("Bearer x") and not check("Basic !!!")
+    assert not check("Basic " + base64.b64encode(b"u:wrong").decode())
+
+
+@pytest.fixture
+def library_log_levels() -> Iterator[None]:
+    """Service() quiets library loggers process-wide; give them back their levels."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_basic_auth_without_tls_warns_at_start(
+    caplog: pytest.LogCaptureFixture, library_log_levels: None
+) -> None:
+    cfg = Config.model_validate({
+        "upstream": {"url": "http://127.0.0.1:9", "retries": 0},
+        "evaluation": {"interval": "1h"},
+        "web": {"listen_address": "127.0.0.1:0",
+                "basic_auth_users": {"u": hash_password("p", 1000)}},
+    })
+    service = Service(cfg)
+    caplog.set_level(logging.WARNING, logger="exporter.service")
+    service.start()
+    try:
+        assert requests.get(service.metrics_url, timeout=5).status_code == 401
+    finally:
+        service.stop()
+    assert "passwords are sent in clear text" in caplog.text
