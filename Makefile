@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus lint typecheck test test-unit demo docs fuzz dashboard clean
+.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -19,19 +19,22 @@ install: $(STAMP)
 prometheus: $(STAMP)
 	$(PY) -c "from exporter.promserver import find_prometheus; b = find_prometheus(); print('prometheus', b.version, b.prometheus)"
 
+alertmanager: $(STAMP)
+	$(PY) -c "from exporter.amserver import find_alertmanager; b = find_alertmanager(); print('alertmanager', b.version, b.alertmanager)"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck prometheus
+test: lint typecheck prometheus alertmanager
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-demo: prometheus
+demo: prometheus alertmanager
 	$(PY) -m exporter demo
 
 clean:
@@ -47,3 +50,13 @@ fuzz: $(STAMP)
 # Generated files: regenerate after changing the catalog or config.yaml (tests fail on drift).
 dashboard: $(STAMP)
 	$(PY) -m exporter dashboard --config.file config.yaml
+
+rules: $(STAMP)
+	$(PY) -m exporter rules --out rules
+	$(PY) -m exporter rules --out rules --format prometheusrule
+	$(PY) -m exporter rules --out deploy/kubernetes --format prometheusrule-alerts
+	P=$$($(PY) -c "from exporter.promserver import find_prometheus; print(find_prometheus().promtool)"); \
+	  $$P check rules rules/*.rules.yaml && cd rules/tests && $$P test rules *.yaml
+
+# Every generated file at once.
+generate: rules dashboard docs

@@ -1,4 +1,4 @@
-"""Command line: serve, once, check-config, discover, report, dashboard, simulate, demo.
+"""Command line: serve, once, check-config, discover, report, rules, dashboard, simulate, demo.
 
 Flags follow Prometheus conventions (``--config.file``, ``--web.listen-address``). A bad
 configuration is a one-line usage error (exit 2), never a traceback.
@@ -23,6 +23,7 @@ from exporter import (
     demo,
     discover,
     report,
+    rules,
     simulate,
     upstream,
 )
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="the notebook's historical analysis over a past range: table, summary, "
         "plots"
     ))
+    rules.add_arguments(sub.add_parser(
+        "rules", help="render the recording rules and alerts as Prometheus rule files"
+    ))
     dashboard.add_arguments(sub.add_parser(
         "dashboard", help="render the Grafana dashboard from the catalog"
     ))
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="run the Triton + dcgm-exporter fleet simulator"
     ))
     demo.add_arguments(sub.add_parser(
-        "demo", help="simulator + a real Prometheus + the exporter, all on 127.0.0.1"
+        "demo", help="simulator + a real Prometheus (rules and alerts loaded) + Alertmanager + "
+        "the exporter, all on 127.0.0.1"
     ))
     return parser
 
@@ -185,6 +190,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "discover": cmd_discover,
     "report": report.main_from_args,
+    "rules": rules.main_from_args,
     "dashboard": dashboard.main_from_args,
     "simulate": simulate.main_from_args,
     "demo": demo.main_from_args,
