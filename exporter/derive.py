@@ -117,7 +117,8 @@ def ratio(num: pd.DataFrame, den: pd.DataFrame, by: list[str], scale: float = 1.
         return _empty(by)
     out = joined[by].copy()
     out[VALUE] = joined["value_num"] / joined["value_den"] / scale
-    return out.reset_index(drop=True)
+    # A tiny denominator can still overflow to +Inf: never published.
+    return _finite(out).reset_index(drop=True)
 
 
 def count_positive(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:

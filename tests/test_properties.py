@@ -326,9 +326,6 @@ def test_derive_over_random_fleets(fleet: dict[str, Any]) -> None:
             assert math.isfinite(sample.value)
 
 
-@pytest.mark.xfail(strict=True, reason="derive.ratio divides by any positive denominator: a "
-                   "subnormal one (or a huge numerator) overflows to +Inf, which is then "
-                   "published. Fix in derive.py: drop non-finite ratios.")
 def test_a_ratio_never_overflows_to_inf() -> None:
     """Found by test_derive_over_random_fleets before its rates were bounded below."""
     fleet = {
