@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate clean
+.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -23,7 +23,7 @@ alertmanager: $(STAMP)
 	$(PY) -c "from exporter.amserver import find_alertmanager; b = find_alertmanager(); print('alertmanager', b.version, b.alertmanager)"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check exporter tests
+	$(VENV)/bin/ruff check exporter tests benchmarks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -60,3 +60,15 @@ rules: $(STAMP)
 
 # Every generated file at once.
 generate: rules dashboard docs
+
+# Benchmarks against a backfilled Prometheus (benchmarks/README.md): S, M, L in about 3 min.
+bench: prometheus
+	$(PY) benchmarks/run.py --json benchmarks/results/latest.json --markdown docs/benchmarks.md --with-json benchmarks/results/xl.json
+
+bench-quick: prometheus
+	$(PY) benchmarks/run.py --quick
+
+# XL (1000 servers, 2000 slices): about 20 min and ~7 GB of temporary disk.
+bench-xl: prometheus
+	$(PY) benchmarks/run.py --sizes XL --repeat 3 --json benchmarks/results/xl.json
+	$(PY) benchmarks/run.py --render benchmarks/results/latest.json --with-json benchmarks/results/xl.json --markdown docs/benchmarks.md

@@ -1,0 +1,310 @@
+"""Summaries (medians within one run) and their rendering: console table, Markdown, JSON."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+def median(values: Iterable[float]) -> float:
+    data = list(values)
+    return statistics.median(data) if data else math.nan
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): p99 of 200 scrapes is the 198th fastest."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarise_cycles(cycles: Sequence[Mapping[str, Any]],
+                     cold: Mapping[str, Any]) -> dict[str, Any]:
+    """Medians over the exporter's timed cycles."""
+    return {
+        "concurrency": cycles[-1]["concurrency"],
+        "queries": median(c["requests"] for c in cycles),
+        "prom_queries": median(c["prom_requests"] for c in cycles),
+        # Wall time with at least one HTTP request in flight (send -> response headers).
+        "upstream_s": median(c["http_busy"] for c in cycles),
+        # Sums over requests (they overlap when upstream.concurrency > 1).
+        "upstream_sum_s": median(c["http_seconds"] for c in cycles),
+        "upstream_server_s": median(c["prom_seconds"] for c in cycles),
+        "request_sum_s": median(c["request_seconds"] for c in cycles),
+        "parse_sum_s": median(c["request_seconds"] - c["http_seconds"] for c in cycles),
+        "cycle_s": median(c["wall"] for c in cycles),
+        "cycle_min_s": min(c["wall"] for c in cycles),
+        "cycle_max_s": max(c["wall"] for c in cycles),
+        "overhead_s": median(c["wall"] - c["http_busy"] for c in cycles),
+        "overhead_share": median((c["wall"] - c["http_busy"]) / c["wall"] for c in cycles),
+        "query_phase_s": median(c["query_base"] for c in cycles),
+        "derive_s": median(c["derive"] for c in cycles),
+        "publish_s": median(c["publish"] for c in cycles),
+        "other_s": median(c["wall"] - c["query_base"] - c["derive"] - c["publish"]
+                          for c in cycles),
+        "cold_cycle_s": cold["wall"],
+        "series": cycles[-1]["series"],
+        "families": cycles[-1]["families"],
+        "outcomes": sorted({c["outcome"] for c in cycles}),
+        "family_errors": sorted({e for c in cycles for e in c["family_errors"]}),
+        "counts_consistent": all(
+            c["requests"] == c["prom_requests"] == c["http_responses"] for c in cycles),
+    }
+
+
+def summarise_notebook(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "queries": median(r["queries"] for r in runs),
+        "prom_queries": median(r["prom_requests"] for r in runs),
+        "wall_s": median(r["wall"] for r in runs),
+        "upstream_s": median(r["http_seconds"] for r in runs),
+        "upstream_server_s": median(r["prom_seconds"] for r in runs),
+        "pairs": runs[-1]["pairs"],
+        "slices": runs[-1]["slices"],
+        "empty_answers": runs[-1]["empty"],
+        "counts_consistent": all(r["queries"] == r["prom_requests"] for r in runs),
+    }
+
+
+def summarise_scrapes(scrape: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "n": len(scrape["plain"]),
+        "plain_p50_ms": 1000 * percentile(scrape["plain"], 50),
+        "plain_p99_ms": 1000 * percentile(scrape["plain"], 99),
+        "gzip_p50_ms": 1000 * percentile(scrape["gzip"], 50),
+        "gzip_p99_ms": 1000 * percentile(scrape["gzip"], 99),
+        "server_plain_p50_ms": 1000 * percentile(scrape["server_plain"], 50),
+        "server_plain_p99_ms": 1000 * percentile(scrape["server_plain"], 99),
+        "server_gzip_p50_ms": 1000 * percentile(scrape["server_gzip"], 50),
+        "server_gzip_p99_ms": 1000 * percentile(scrape["server_gzip"], 99),
+        "plain_bytes": scrape["plain_bytes"],
+        "gzip_bytes": scrape["gzip_bytes"],
+        "lines": scrape["lines"],
+    }
+
+
+def summarise_mode(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Medians over the repetitions of one mode (direct, behind the proxy, ...)."""
+    out: dict[str, Any] = {"ours": summarise_cycles(raw["cycles"], raw["cold_cycle"]),
+                           "rss": raw["rss"]}
+    if raw.get("notebook"):
+        nb = summarise_notebook(raw["notebook"])
+        out["notebook"] = nb
+        ours = out["ours"]
+        out["ratio"] = {
+            "queries": nb["queries"] / ours["queries"] if ours["queries"] else math.nan,
+            "wall": nb["wall_s"] / ours["cycle_s"] if ours["cycle_s"] else math.nan,
+        }
+    if raw.get("scrape"):
+        out["scrape"] = summarise_scrapes(raw["scrape"])
+    return out
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def _f(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1024:.1f}"
+
+
+def _ms(value: float) -> str:
+    return _f(value, 2)
+
+
+MODES = (("direct", "direct"), ("proxy", "+50 ms proxy"),
+         ("proxy_seq", "+50 ms proxy, concurrency 1"))
+
+MAIN_HEADER = (
+    "size", "upstream", "queries/cycle (ours; Prom Δ)", "upstream s: waiting (Σ requests)",
+    "cycle s", "overhead s (share)", "/metrics p50 / p99 ms", "body KiB plain / gzip",
+    "peak RSS MiB", "notebook queries", "notebook s", "notebook/ours queries",
+    "notebook/ours time",
+)
+
+
+def _mode_rows(results: Sequence[Mapping[str, Any]],
+               need: str | None = None) -> Iterable[tuple[str, str, Mapping[str, Any]]]:
+    for result in results:
+        for mode, label in MODES:
+            s = result["modes"].get(mode)
+            if s is None or (need is not None and need not in s):
+                continue
+            yield result["size"], label, s
+
+
+def main_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    rows = []
+    for size, label, s in _mode_rows(results, need="notebook"):
+        ours, nb, sc = s["ours"], s["notebook"], s["scrape"]
+        flag = "" if ours["counts_consistent"] and nb["counts_consistent"] else " (!)"
+        rows.append([
+            size,
+            label,
+            f"{ours['queries']:.0f}; {ours['prom_queries']:.0f}{flag}",
+            f"{_f(ours['upstream_s'])} ({_f(ours['upstream_sum_s'])})",
+            _f(ours["cycle_s"]),
+            f"{_f(ours['overhead_s'])} ({100 * ours['overhead_share']:.0f}%)",
+            f"{_ms(sc['plain_p50_ms'])} / {_ms(sc['plain_p99_ms'])}",
+            f"{_kb(sc['plain_bytes'])} / {_kb(sc['gzip_bytes'])}",
+            f"{s['rss']['vmhwm_mb']:.0f}",
+            f"{nb['queries']:.0f}",
+            _f(nb["wall_s"]),
+            f"{s['ratio']['queries']:.1f}x",
+            f"{s['ratio']['wall']:.1f}x",
+        ])
+    return rows
+
+
+BREAKDOWN_HEADER = (
+    "size", "upstream", "concurrency", "cycle s (min-max)", "cold cycle s", "query phase s",
+    "of which waiting s", "Σ Prom server s", "Σ HTTP s", "Σ decode+parse s", "derive s",
+    "publish s", "series published", "gzip scrape p50 / p99 ms",
+    "body build p50 / p99 ms (plain; gzip)", "RSS after start MiB",
+)
+
+
+def breakdown_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    rows = []
+    for size, label, s in _mode_rows(results):
+        ours = s["ours"]
+        sc = s.get("scrape")
+        scrape_cells = ["-", "-"]
+        if sc is not None:
+            scrape_cells = [
+                f"{_ms(sc['gzip_p50_ms'])} / {_ms(sc['gzip_p99_ms'])}",
+                f"{_ms(sc['server_plain_p50_ms'])} / {_ms(sc['server_plain_p99_ms'])}; "
+                f"{_ms(sc['server_gzip_p50_ms'])} / {_ms(sc['server_gzip_p99_ms'])}",
+            ]
+        rows.append([
+            size,
+            label,
+            f"{ours['concurrency']}",
+            f"{_f(ours['cycle_s'])} ({_f(ours['cycle_min_s'])}-{_f(ours['cycle_max_s'])})",
+            _f(ours["cold_cycle_s"]),
+            _f(ours["query_phase_s"]),
+            _f(ours["upstream_s"]),
+            _f(ours["upstream_server_s"]),
+            _f(ours["upstream_sum_s"]),
+            _f(ours["parse_sum_s"]),
+            _f(ours["derive_s"]),
+            _f(ours["publish_s"]),
+            f"{ours['series']}",
+            *scrape_cells,
+            f"{s['rss']['start_mb']:.0f}",
+        ])
+    return rows
+
+
+FLEET_HEADER = (
+    "size", "fleet", "pairs (model, version) active", "Triton slices", "history",
+    "samples backfilled", "write s", "promtool s", "Prometheus start s", "size total s",
+)
+
+
+def fleet_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    rows = []
+    for result in results:
+        fleet = result["fleet"]
+        nb = result["modes"]["direct"]["notebook"]
+        rows.append([
+            result["size"],
+            fleet["describe"],
+            f"{nb['pairs']}",
+            f"{nb['slices']}",
+            f"{fleet['history_minutes']:g} min ({fleet['families']} families)",
+            f"{fleet['samples']:,}",
+            _f(fleet["write_s"], 1),
+            _f(fleet["backfill_s"], 1),
+            _f(fleet["prometheus_start_s"], 1),
+            _f(result["seconds"], 0),
+        ])
+    return rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def facts_lines(facts: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"- machine: {facts['cores']} cores ({facts['cpu']}), {facts['memory_gib']:.0f} GiB RAM, "
+        f"Linux {facts['kernel']}",
+        f"- Python {facts['python']}, pandas {facts['pandas']}, numpy {facts['numpy']}, "
+        f"requests {facts['requests']}, prometheus-client {facts['prometheus_client']}",
+        f"- Prometheus {facts['prometheus']} (promtool backfill, TSDB on local disk)",
+        f"- run: {facts['started']} UTC, {facts['repeat']} repetitions per figure (medians), "
+        f"{facts['scrapes']} scrapes per format, window {facts['window']}, "
+        f"proxy delay {facts['delay_ms']:g} ms, total {facts['total_seconds']:.0f} s",
+    ]
+    if "background_cpu" in facts:
+        lines.append(
+            f"- other work on the machine: {100 * facts['background_cpu']:.0f}% of its CPU busy "
+            f"in a 2 s sample before the run; 1-minute load average "
+            f"{facts['loadavg_start']:.2f} at the start, {facts.get('loadavg_end', math.nan):.2f} "
+            "at the end (the benchmark's own processes included)"
+        )
+    return lines
+
+
+def reading(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Sentences computed from the figures: what bounds the cycle at each size."""
+    out = []
+    for result in results:
+        modes = result["modes"]
+        d = modes.get("direct")
+        if d is None:
+            continue
+        o = d["ours"]
+        wait = o["upstream_s"]
+        parts = {
+            "waiting for Prometheus": wait,
+            "parsing answers outside that wait": max(0.0, o["query_phase_s"] - wait),
+            "pandas derivation": o["derive_s"],
+            "rendering (publish)": o["publish_s"],
+        }
+        top = max(parts, key=lambda k: parts[k])
+        text = (
+            f"**{result['size']}**, direct: cycle {_f(o['cycle_s'])} s = "
+            + ", ".join(f"{k} {100 * v / o['cycle_s']:.0f}%" for k, v in parts.items())
+            + f"; the largest part is {top}."
+        )
+        p = modes.get("proxy")
+        if p is not None:
+            po = p["ours"]
+            text += (
+                f" Behind the 50 ms proxy the cycle takes {_f(po['cycle_s'])} s with "
+                f"{po['concurrency']} queries in flight"
+            )
+            q = modes.get("proxy_seq")
+            if q is not None:
+                text += f" ({_f(q['ours']['cycle_s'])} s one at a time)"
+            if "notebook" in p:
+                text += (
+                    f"; the notebook's pattern takes {_f(p['notebook']['wall_s'])} s "
+                    f"({p['ratio']['wall']:.1f}x ours, {p['notebook']['queries']:.0f} "
+                    "sequential queries)"
+                )
+            text += "."
+        out.append(text)
+    return out

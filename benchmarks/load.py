@@ -1,0 +1,272 @@
+"""Load on /metrics: concurrent scrapers against ~100k derived series while cycles run.
+
+A fake upstream in this process answers the exporter's base queries with a synthetic fleet big
+enough for about 100k derived series (by default 500 Triton servers x 60 of 1000 (model,
+version) pairs, 500 MIG slices). ``python -m exporter serve`` runs against it in a subprocess
+(cycles every ``--interval``), and ``--scrapers`` clients (threads spread over ``--procs``
+processes, so the clients' GIL is not what is measured) fetch /metrics back to back for
+``--seconds``, with ``Accept-Encoding: gzip`` as Prometheus sends it (``--no-gzip``: plain).
+
+Printed: scrapes, errors (anything but a 200 with a complete body; must be 0), latency p50 /
+p99 / max, body size, and the exporter's CPU (its process CPU time over the wall time of the
+run, in cores), cycles run and their mean duration, RSS. Not a timed test: a measurement.
+
+    .venv/bin/python benchmarks/load.py [--scrapers 50] [--seconds 30] [--interval 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import catalog, config
+from exporter.catalog import Selectors
+
+PREFIX = "triton_mig_exporter_"
+TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05}
+TRITON_FACTOR |= {f"{p}_us": 1000.0 * (i + 1) for i, p in enumerate(catalog.PHASES)}
+DCGM_FACTOR = {"tensor": 1.0, "dram": 0.5, "gr_engine": 0.8, "tensor_max": 1.0}
+
+
+def fleet_bodies(pods: int, pairs: int, per_pod: int, slices: int) -> dict[str, bytes]:
+    """The JSON answer of every base query for the synthetic fleet."""
+    cells = [(f"triton-{p:04d}", f"model-{(p * 7 + i) % pairs // 2:04d}", str(1 + (p * 7 + i) % 2))
+             for p in range(pods) for i in range(per_pod)]
+    bodies = {}
+    for name, factor in TRITON_FACTOR.items():
+        result = [{"metric": {"model": m, "version": v, "pod": pod,
+                              "prometheus_replica": "prom-0"},
+                   "value": [0, repr((1 + n % 97) * factor)]}
+                  for n, (pod, m, v) in enumerate(cells)]
+        bodies[name] = json.dumps({"status": "success",
+                                   "data": {"resultType": "vector", "result": result}}).encode()
+    for name, factor in DCGM_FACTOR.items():
+        result = [{"metric": {"instance": f"10.0.{s // 7 // 250}.{s // 7 % 250}:9400",
+                              "device": "nvidia0", "GPU_I_ID": str(s % 7 + 1),
+                              "GPU_I_PROFILE": "1g.10gb", "exported_pod": f"triton-{s % pods:04d}",
+                              "prometheus_replica": "prom-0"},
+                   "value": [0, repr((s % 100) / 100 * factor)]}
+                  for s in range(slices)]
+        bodies[name] = json.dumps({"status": "success",
+                                   "data": {"resultType": "vector", "result": result}}).encode()
+    return bodies
+
+
+def start_upstream(bodies: dict[str, bytes]) -> ThreadingHTTPServer:
+    sel = Selectors.from_config(config.load(None, environ={}))
+    by_query = {q.promql(sel): bodies[q.name] for q in catalog.BASE_QUERIES}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            query = parse_qs(self.rfile.read(length).decode()).get("query", [""])[0]
+            body = by_query.get(query)
+            status = 200 if body is not None else 400
+            body = body or b'{"status":"error","errorType":"bad_data","error":"unknown"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {k: int(v) / 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+)", status, re.M)}
+
+
+def self_metrics(host: str, port: int) -> dict[str, float]:
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(PREFIX):
+                key = sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[key] = sample.value
+    return out
+
+
+def scrape_worker(host: str, port: int, threads: int, seconds: float,
+                  gzip: bool) -> tuple[list[float], int, list[str], int]:
+    """``threads`` scrapers, back to back for ``seconds``: latencies, errors, sizes."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    sizes: list[int] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    headers = {"Accept-Encoding": "gzip"} if gzip else {}
+
+    def loop() -> None:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                conn.request("GET", "/metrics", headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                conn.close()
+                expected = int(response.getheader("Content-Length") or -1)
+                if response.status != 200 or len(body) != expected:
+                    raise RuntimeError(f"HTTP {response.status}, {len(body)} of {expected} bytes")
+            except Exception as error:
+                with lock:
+                    errors.append(f"{type(error).__name__}: {error}")
+                continue
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                sizes.append(len(body))
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return latencies, len(errors), errors[:5], int(statistics.median(sizes)) if sizes else 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scrapers", type=int, default=50)
+    parser.add_argument("--procs", type=int, default=5, help="client processes (scrapers split)")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--interval", default="10s", help="the exporter's evaluation interval")
+    parser.add_argument("--pods", type=int, default=500)
+    parser.add_argument("--pairs", type=int, default=1000, help="(model, version) pairs")
+    parser.add_argument("--per-pod", type=int, default=60, help="pairs each pod serves")
+    parser.add_argument("--slices", type=int, default=500)
+    parser.add_argument("--no-gzip", dest="gzip", action="store_false")
+    args = parser.parse_args(argv)
+
+    print(f"building the fleet: {args.pods} pods x {args.per_pod} of {args.pairs} pairs, "
+          f"{args.slices} slices", flush=True)
+    upstream = start_upstream(fleet_bodies(args.pods, args.pairs, args.per_pod, args.slices))
+    with tempfile.TemporaryDirectory(prefix="triton-mig-load-") as tmp:
+        cfg = Path(tmp) / "exporter.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "upstream": {"url": f"http://127.0.0.1:{upstream.server_address[1]}",
+                         "timeout": "60s"},
+            "evaluation": {"interval": args.interval},
+            "web": {"listen_address": "127.0.0.1:0"},
+        }))
+        proc = subprocess.Popen([sys.executable, "-m", "exporter", "serve", "--config.file",
+                                 str(cfg)], stderr=subprocess.PIPE, text=True)
+        try:
+            return run(args, proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+            upstream.shutdown()
+            upstream.server_close()
+
+
+def run(args: argparse.Namespace, proc: subprocess.Popen[str]) -> int:
+    assert proc.stderr is not None
+    line = ""
+    while " serving http" not in line:
+        line = proc.stderr.readline()
+        if not line:
+            print("serve did not start", file=sys.stderr)
+            return 1
+    threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True).start()
+    found = re.search(r"serving http://([^:]+):(\d+)/metrics", line)
+    assert found, line
+    host, port = found.group(1), int(found.group(2))
+    deadline = time.monotonic() + 300
+    while True:
+        metrics = self_metrics(host, port)
+        series = sum(v for k, v in metrics.items() if k.startswith(PREFIX + "series,"))
+        if metrics.get(PREFIX + "upstream_up") == 1 and series:
+            break
+        if time.monotonic() > deadline:
+            print("no good cycle within 300 s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print(f"exporter ready: {series:.0f} derived series; {args.scrapers} scrapers for "
+          f"{args.seconds:g} s, cycles every {args.interval}", flush=True)
+
+    before, cpu_before, wall_before = metrics, cpu_seconds(proc.pid), time.monotonic()
+    procs = max(1, min(args.procs, args.scrapers))
+    shares = [args.scrapers // procs + (i < args.scrapers % procs) for i in range(procs)]
+    with ProcessPoolExecutor(procs) as pool:
+        results = list(pool.map(scrape_worker, [host] * procs, [port] * procs, shares,
+                                [args.seconds] * procs, [args.gzip] * procs))
+    wall = time.monotonic() - wall_before
+    cpu = cpu_seconds(proc.pid) - cpu_before
+    after = self_metrics(host, port)
+
+    latencies = [x for r in results for x in r[0]]
+    errors = sum(r[1] for r in results)
+    samples = [e for r in results for e in r[2]]
+    size = max(r[3] for r in results)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    cycles = delta(PREFIX + "cycle_duration_seconds_count")
+    cycle_mean = delta(PREFIX + "cycle_duration_seconds_sum") / cycles if cycles else 0.0
+    memory = memory_mib(proc.pid)
+    print(f"scrapes: {len(latencies)} ({len(latencies) / wall:.1f}/s), errors: {errors}")
+    if latencies:
+        print(f"latency: p50 {statistics.median(latencies) * 1000:.0f} ms, p99 "
+              f"{percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; "
+              f"body {size / 1e6:.2f} MB ({'gzip' if args.gzip else 'plain'})")
+    print(f"exporter CPU: {cpu:.1f} s over {wall:.1f} s = {cpu / wall:.2f} cores; "
+          f"{cycles:.0f} cycles ran, mean {cycle_mean:.2f} s; RSS {memory['VmRSS']:.0f} MiB "
+          f"(peak {memory['VmHWM']:.0f} MiB); "
+          f"cycle outcomes {[k.split('=')[1] for k in after if 'cycles_total,' in k and delta(k)]}")
+    for sample in samples:
+        print(f"  error: {sample}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
