@@ -1,0 +1,913 @@
+"""Fault scenarios (issue 6), each against real processes on 127.0.0.1.
+
+The exporter runs as ``python -m exporter serve``: its stderr, exit code and memory are what an
+operator sees. Its upstream is a fake Prometheus API served from this process
+(:class:`FakeUpstream`: scripted answers; every request recorded with when it arrived and when
+it was answered or the client hung up), or, for series churn, the simulator scraped by a real
+Prometheus. Every scenario checks: the exporter keeps running, publishes nothing wrong, counts
+the error in a self-metric with a reason label, logs one line, and recovers within two cycles.
+
+Covered in test_integration.py and not repeated: counter resets (7), duplicated replica and
+unlabeled series (8), SIGTERM during a slow cycle (10), and upstream killed on the real stack (2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import re
+import select
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+import yaml
+from conftest import Stack
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import catalog, config, promserver, simulate
+from exporter.catalog import Selectors
+from exporter.promserver import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "triton_mig_exporter_"
+DERIVED = frozenset(s.name for s in catalog.SERIES)
+INTERVAL = 0.5
+STALENESS = 3 * INTERVAL  # the default bound: three intervals
+#: What a bound on time allows besides the cycles it counts: the cycle's own work, the test's
+#: polling, a busy machine.
+SLACK = 0.5
+FLEET_RATE = ":nv_inference_count:rate"
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[str, dict[Labels, float]]
+
+
+# --- what the fake upstream answers ----------------------------------------------------------
+
+
+TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05}
+TRITON_FACTOR |= {f"{p}_us": 1000.0 * (i + 1) for i, p in enumerate(catalog.PHASES)}
+DCGM_FACTOR = {"tensor": 1.0, "dram": 0.5, "gr_engine": 0.8, "tensor_max": 1.0}
+
+
+@dataclass
+class Fleet:
+    """Per (model, version, pod) an inference rate; per MIG slice a tensor activity. The other
+    base queries answer fixed multiples of these (TRITON_FACTOR, DCGM_FACTOR)."""
+
+    triton: list[tuple[dict[str, str], float]]
+    slices: list[tuple[dict[str, str], float]]
+
+    @staticmethod
+    def small(
+        models: Iterable[tuple[str, str]] = (("resnet50", "1"), ("bert", "2")),
+        pods: Iterable[str] = ("triton-a", "triton-b", "triton-c"),
+    ) -> Fleet:
+        pods, models = list(pods), list(models)
+        triton = [
+            ({"model": m, "version": v, "pod": pod}, float(1 + i * len(models) + j))
+            for i, pod in enumerate(pods)
+            for j, (m, v) in enumerate(models)
+        ]
+        slices = [
+            ({"instance": "10.0.0.1:9400", "device": "nvidia0", "GPU_I_ID": str(i + 1),
+              "GPU_I_PROFILE": "3g.40gb", "exported_pod": pod}, 0.25 * (i + 1))
+            for i, pod in enumerate(pods)
+        ]
+        return Fleet(triton, slices)
+
+    def result(self, name: str, at: str) -> list[dict[str, Any]]:
+        if name in TRITON_FACTOR:
+            rows, factor = self.triton, TRITON_FACTOR[name]
+        else:
+            rows, factor = self.slices, DCGM_FACTOR[name]
+        return [
+            {"metric": {**labels, "prometheus_replica": "prom-0"},
+             "value": [float(at), repr(value * factor)]}
+            for labels, value in rows
+        ]
+
+    @property
+    def rate(self) -> float:
+        return sum(value for _, value in self.triton)
+
+    def pairs(self) -> set[tuple[str, str, str]]:
+        return {(m["model"], m["version"], m["pod"]) for m, _ in self.triton}
+
+
+def payload(result: list[dict[str, Any]], result_type: str = "vector") -> dict[str, Any]:
+    return {"status": "success", "data": {"resultType": result_type, "result": result}}
+
+
+def encode(document: object) -> bytes:
+    return json.dumps(document).encode()
+
+
+# --- the fake upstream -----------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    #: Bytes (sent with a Content-Length) or chunks (sent until the connection closes).
+    body: bytes | Iterable[bytes] = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Hold the answer this long, or until the client hangs up.
+    delay: float = 0.0
+
+
+@dataclass
+class Seen:
+    name: str | None  # the base query's name; None when the query is not a base query
+    query: str
+    at: str  # the evaluation time sent with it
+    headers: dict[str, str]
+    arrived: float  # time.monotonic()
+    left: float | None = None  # answered, or the client hung up
+    status: int | None = None
+
+
+class FakeUpstream:
+    """The Prometheus query API, answering ``self.answer(seen)`` (default: :meth:`valid`)."""
+
+    def __init__(self, sel: Selectors, fleet: Fleet | None = None) -> None:
+        self.names = {q.promql(sel): q.name for q in catalog.BASE_QUERIES}
+        self.fleet = fleet or Fleet.small()
+        self.answer: Callable[[Seen], Reply] = self.valid
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self.port = 0
+        self.scheme = "http"
+
+    def valid(self, seen: Seen) -> Reply:
+        if seen.name is None:
+            error = {"status": "error", "errorType": "bad_data", "error": "not a base query"}
+            return Reply(400, encode(error))
+        return Reply(body=encode(payload(self.fleet.result(seen.name, seen.at))))
+
+    def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> FakeUpstream:
+        self.closing.clear()
+        httpd = _FakeServer(("127.0.0.1", port), _FakeHandler)
+        httpd.fake = self
+        if tls is not None:
+            httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self.closing.set()
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def since(self, t: float) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.arrived >= t]
+
+
+class _FakeServer(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: FakeUpstream
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients giving up on a slow or huge answer are the point of some tests
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    server: _FakeServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode())
+        query = form.get("query", [""])[0]
+        seen = Seen(fake.names.get(query), query, form.get("time", ["0"])[0],
+                    {k.lower(): v for k, v in self.headers.items()}, time.monotonic())
+        with fake.lock:
+            fake.seen.append(seen)
+        reply = fake.answer(seen)
+        seen.status = reply.status
+        try:
+            if reply.delay and not self._hold(reply.delay, seen):
+                return
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            if isinstance(reply.body, bytes):
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+            else:
+                self.end_headers()
+                for chunk in reply.body:
+                    self.wfile.write(chunk)
+        except OSError:
+            pass  # the client hung up
+        finally:
+            if seen.left is None:
+                seen.left = time.monotonic()
+
+    def _hold(self, delay: float, seen: Seen) -> bool:
+        """Wait ``delay`` seconds; False (and ``seen.left`` set) when the client hangs up."""
+        deadline = time.monotonic() + delay
+        closing = self.server.fake.closing
+        while not closing.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(remaining, 0.01))
+            if readable:
+                with contextlib.suppress(OSError):
+                    if self.connection.recv(1, socket.MSG_PEEK):
+                        continue
+                seen.left = time.monotonic()
+                return False
+        return not closing.is_set()
+
+
+# --- the exporter under test ------------------------------------------------------------------
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get(name, {}).get(tuple(sorted(labels.items())))
+
+
+def exporter_config(url: str, interval: float = INTERVAL, **upstream: Any) -> dict[str, Any]:
+    return {
+        "upstream": {"url": url, "timeout": "1s", "retries": 1, "backoff": "50ms", **upstream},
+        "evaluation": {"interval": f"{round(interval * 1000)}ms"},
+        "web": {"listen_address": "127.0.0.1:0"},
+    }
+
+
+SEL = Selectors.from_config(config.from_mapping(exporter_config("http://x"), environ={}))
+
+
+class Serve:
+    """``python -m exporter serve`` in a subprocess; stderr collected line by line."""
+
+    def __init__(self, cfg: dict[str, Any], folder: Path, *args: str,
+                 verify: bool | str = True, auth: tuple[str, str] | None = None) -> None:
+        path = folder / "exporter.yaml"
+        path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "serve", "--config.file", str(path), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, encoding="utf-8", errors="replace")
+        self.lines: list[str] = []
+        self.stdout: list[str] = []
+        self.verify, self.auth = verify, auth
+        assert self.proc.stderr is not None and self.proc.stdout is not None
+        self._readers = [
+            threading.Thread(target=self._drain, args=(self.proc.stderr, self.lines), daemon=True),
+            threading.Thread(target=self._drain, args=(self.proc.stdout, self.stdout), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        line = wait_for(self._started, 30, what="serve to start")
+        found = re.search(r"serving (\S+)/metrics;", line)
+        assert found, line
+        self.url = found.group(1)
+
+    @staticmethod
+    def _drain(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    def _started(self) -> str | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited {self.proc.returncode}: {self.lines}")
+        return next((line for line in list(self.lines) if " serving http" in line), None)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("auth", self.auth)
+        return requests.get(self.url + path, timeout=5, **kwargs)
+
+    def samples(self) -> Samples:
+        response = self.get("/metrics")
+        assert response.status_code == 200, response.status_code
+        return parse(response.text)
+
+    def until(self, predicate: Callable[[Samples], Any], timeout: float, what: str) -> Samples:
+        """Scrape until ``predicate(samples)`` holds; the samples that satisfied it."""
+        def check() -> Samples | None:
+            samples = self.samples()
+            return samples if predicate(samples) else None
+
+        return wait_for(check, timeout, interval=0.05, what=what)
+
+    def count(self, name: str, **labels: str) -> float:
+        return value(self.samples(), name, **labels) or 0.0
+
+    def warnings(self) -> list[str]:
+        return [line for line in self.lines if " WARNING " in line]
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak resident set) of the process, in KiB."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return {k: int(v.split()[0]) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(.*)$", status,
+                                                               re.MULTILINE)}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def cleanup() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def start_fake(cleanup: contextlib.ExitStack, port: int = 0, fleet: Fleet | None = None,
+               tls: ssl.SSLContext | None = None) -> FakeUpstream:
+    fake = FakeUpstream(SEL, fleet).start(port, tls)
+    cleanup.callback(fake.stop)
+    return fake
+
+
+def start_serve(cleanup: contextlib.ExitStack, cfg: dict[str, Any], folder: Path,
+                *args: str, **kwargs: Any) -> Serve:
+    serve = Serve(cfg, folder, *args, **kwargs)
+    cleanup.callback(serve.stop)
+    return serve
+
+
+def derived(samples: Samples) -> set[str]:
+    return DERIVED & set(samples)
+
+
+def no_non_finite(samples: Samples) -> bool:
+    return all(math.isfinite(v) for rows in samples.values() for v in rows.values())
+
+
+def published_pairs(samples: Samples) -> set[tuple[str, str, str]]:
+    rows = samples.get("model_version_pod:nv_inference_count:rate", {})
+    return {(dict(k)["model"], dict(k)["version"], dict(k)["pod"]) for k in rows}
+
+
+def finish(serve: Serve) -> None:
+    """SIGTERM: exit 0, and nothing in the log was a traceback."""
+    assert serve.stop() == 0
+    assert not [line for line in serve.lines if "Traceback" in line], serve.lines
+
+
+# --- (1) and (2): upstream absent at start-up, then killed mid-run ---------------------------
+
+
+def test_upstream_absent_at_start_up_then_killed_mid_run(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    port = free_port()
+    serve = start_serve(cleanup, exporter_config(f"http://127.0.0.1:{port}"), tmp_path)
+
+    # (1) Nobody listens: self-metrics only, upstream_up 0, not ready, one log line.
+    s = serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="failure") or 0) >= 2,
+                    10, "two failed cycles")
+    assert value(s, PREFIX + "upstream_up") == 0
+    assert (value(s, PREFIX + "upstream_requests_total", outcome="connection") or 0) >= 2
+    assert PREFIX + "build_info" in s
+    assert not derived(s)
+    assert serve.get("/readyz").status_code == 503
+    assert serve.get("/healthz").status_code == 200
+    [line] = serve.warnings()
+    assert "cycle failure" in line and "(connection)" in line and f"127.0.0.1:{port}" in line
+
+    # It comes up: figures within two cycles.
+    fake = start_fake(cleanup, port)
+    arrived = time.monotonic()
+    s = serve.until(lambda s: FLEET_RATE in s, 5, "derived figures")
+    assert time.monotonic() - arrived <= 2 * INTERVAL + SLACK
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+    assert serve.get("/readyz").status_code == 200
+    serve.until(lambda s: value(s, PREFIX + "upstream_up") == 1, 2, "upstream_up 1")
+    assert sum("upstream answered every query again" in line for line in serve.lines) == 1
+
+    # (2) Killed: upstream_up 0 at the next cycle; figures kept until the staleness bound, then
+    # withdrawn; one more log line; back within two cycles of its return.
+    fake.stop()
+    killed = time.monotonic()
+    serve.until(lambda s: value(s, PREFIX + "upstream_up") == 0, 5, "upstream_up 0")
+    assert time.monotonic() - killed <= 2 * INTERVAL + SLACK
+    s = serve.until(lambda s: not derived(s), 5, "figures withdrawn")
+    gone = time.monotonic() - killed
+    # The last good cycle published at most one interval before the kill.
+    assert STALENESS - INTERVAL - 0.1 <= gone <= STALENESS + SLACK, gone
+    assert value(s, PREFIX + "series", family=FLEET_RATE) == 0
+    assert serve.get("/readyz").status_code == 503
+    # One line; two if the kill fell inside a cycle (its line says "partial").
+    killed_lines = serve.warnings()[1:]
+    assert len(killed_lines) in (1, 2) and "cycle failure" in killed_lines[-1], killed_lines
+
+    fake.start(port)
+    back = time.monotonic()
+    serve.until(lambda s: FLEET_RATE in s and value(s, PREFIX + "upstream_up") == 1, 5,
+                "recovery")
+    assert time.monotonic() - back <= 2 * INTERVAL + SLACK
+    assert len(serve.warnings()) == 1 + len(killed_lines)
+    finish(serve)
+
+
+# --- (3) slow upstream ------------------------------------------------------------------------
+
+
+def scrape_latencies(serve: Serve, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        assert serve.get("/metrics").status_code == 200
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def max_in_flight(seen: list[Seen]) -> int:
+    # The fake notices a hang-up within ~10 ms; a retry may connect before it does.
+    events = sorted([(s.arrived, 1) for s in seen]
+                    + [((s.left or math.inf) - 0.05, -1) for s in seen])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def test_slow_upstream_bounds_the_cycle_and_never_slows_a_scrape(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+    timeout = 0.5  # and one retry: a cycle gives up after (1 + 1) x timeout
+    cfg = exporter_config(fake.url, timeout=f"{round(timeout * 1000)}ms")
+    serve = start_serve(cleanup, cfg, tmp_path)
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    baseline = scrape_latencies(serve, 30)
+
+    fake.answer = lambda seen: Reply(body=encode(payload([])), delay=60.0)
+    slow = time.monotonic()
+    wait_for(lambda: [s for s in fake.since(slow) if s.left is None], 3, 0.01,
+             what="a query held by the upstream")
+    during = scrape_latencies(serve, 30)
+    assert [s for s in fake.since(slow) if s.left is None], "the cycle was hanging throughout"
+    serve.until(lambda s: (value(s, PREFIX + "upstream_requests_total", outcome="timeout")
+                           or 0) >= 8, 10, "two timed-out cycles")
+    fake.answer = fake.valid
+    healed = time.monotonic()
+    s = serve.until(lambda s: FLEET_RATE in s and value(s, PREFIX + "upstream_up") == 1, 10,
+                    "recovery")
+    # The cycle in progress gives up within (retries + 1) x timeout; then two cycles.
+    assert time.monotonic() - healed <= 2 * timeout + 0.05 + 2 * INTERVAL + SLACK
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+
+    held = [x for x in fake.since(slow) if x.arrived < healed and x.left is not None]
+    cycles: dict[str, list[Seen]] = defaultdict(list)
+    for x in held:
+        cycles[x.at].append(x)
+    spans = sorted((min(x.arrived for x in c), max(x.left or 0 for x in c)) for c in
+                   cycles.values())
+    for start, end in spans:
+        # (retries + 1) x timeout + backoff; the first retry of urllib3 does not back off.
+        assert end - start <= 2 * timeout + 0.05 + SLACK, (start, end)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 0.05, "two cycles overlapped"
+    assert max_in_flight(held) <= 4  # upstream.concurrency: never two cycles' queries at once
+    assert value(s, PREFIX + "cycle_duration_seconds_bucket", le="2.5") == value(
+        s, PREFIX + "cycle_duration_seconds_count")
+
+    lines = serve.warnings()  # two if the switch fell inside a cycle
+    assert len(lines) in (1, 2) and all("(timeout)" in line for line in lines), lines
+    assert "cycle failure" in lines[-1] and f"within {timeout:g}s" in lines[-1]
+    p50, p50_slow = statistics.median(baseline), statistics.median(during)
+    print(f"\n/metrics latency: baseline p50 {p50 * 1000:.1f} ms max "
+          f"{max(baseline) * 1000:.1f} ms; while a cycle hangs p50 {p50_slow * 1000:.1f} ms "
+          f"max {max(during) * 1000:.1f} ms; cycle spans "
+          f"{[round(e - b, 2) for b, e in spans]} s")
+    assert max(during) < 0.5
+    assert p50_slow <= max(3 * p50, p50 + 0.02)
+    finish(serve)
+
+
+# --- (4) HTTP error statuses -----------------------------------------------------------------
+
+
+#: Base query -> the error it gets: retried statuses, Retry-After (capped at one timeout), and
+#: the bad-query statuses that must not be retried.
+HTTP_FAULTS: dict[str, tuple[int, dict[str, str], bytes]] = {
+    "failure": (500, {}, b"internal error"),
+    "exec": (502, {"Content-Type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>"),
+    "cache_hits": (503, {}, b"upstream overloaded"),
+    "queue_us": (429, {"Retry-After": "3600"}, encode(
+        {"status": "error", "errorType": "too_many_requests", "error": "slow down"})),
+    "compute_input_us": (400, {}, encode(
+        {"status": "error", "errorType": "bad_data", "error": "parse error at char 7"})),
+    "compute_output_us": (422, {}, encode(
+        {"status": "error", "errorType": "execution", "error": "many-to-many matching"})),
+}
+RETRIED = {"failure", "exec", "cache_hits", "queue_us"}
+
+
+def test_http_errors_are_retried_boundedly_and_bad_queries_not_at_all(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+
+    def faulty(seen: Seen) -> Reply:
+        if seen.name in HTTP_FAULTS:
+            status, headers, body = HTTP_FAULTS[seen.name]
+            return Reply(status, body, headers)
+        return fake.valid(seen)
+
+    fake.answer = faulty
+    started = time.monotonic()
+    serve = start_serve(cleanup, exporter_config(fake.url, retries=2), tmp_path)
+    s = serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="partial") or 0) >= 2,
+                    15, "two partial cycles")
+
+    # Per query and cycle: the retried statuses 3 times (retries: 2), the bad queries once.
+    attempts: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for x in fake.since(started):
+        if x.name in HTTP_FAULTS:
+            attempts[(x.name, x.at)].append(x.arrived)
+    done = {cycle for (name, cycle) in attempts if name == "queue_us"
+            and len(attempts[(name, cycle)]) == 3}
+    assert done, attempts
+    for (name, cycle), times in attempts.items():
+        if cycle not in done:
+            continue
+        assert len(times) == (3 if name in RETRIED else 1), (name, len(times))
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        if name == "queue_us":  # Retry-After: 3600, capped at the 1 s timeout
+            assert all(0.9 <= g <= 1.6 for g in gaps), gaps
+        elif name in RETRIED:  # backoff 50 ms: the second retry waits 0.1 s
+            assert gaps[1] >= 0.09, gaps
+
+    # The families fed by the failed queries are named in the self-metric and not published;
+    # the others are, with the right figures.
+    broken = {x.name for x in catalog.SERIES if set(x.inputs) & set(HTTP_FAULTS)}
+    for family in DERIVED:
+        errors = value(s, PREFIX + "family_errors_total", family=family)
+        assert (errors or 0) > 0 if family in broken else errors == 0, family
+    assert derived(s) == DERIVED - broken
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+    assert (value(s, PREFIX + "upstream_requests_total", outcome="http_5xx") or 0) >= 3 * 2
+    assert (value(s, PREFIX + "upstream_requests_total", outcome="http_4xx") or 0) >= 3 * 2
+    assert value(s, PREFIX + "upstream_up") == 0
+    [line] = serve.warnings()
+    assert "cycle partial: 6 of 14 upstream queries failed (http_5xx)" in line, line
+    assert "nv_inference_request_failure" in line and "HTTP 500: internal error" in line
+
+    # Every query refused (503, no Retry-After): a clean failed cycle, then recovery.
+    fake.answer = lambda seen: Reply(503, b"maintenance")
+    down = time.monotonic()
+    failed = serve.count(PREFIX + "cycles_total", outcome="failure")
+    serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="failure") or 0)
+                >= failed + 2, 10, "two failed cycles")
+    fake.answer = fake.valid
+    healed = time.monotonic()
+    # Cycles wholly inside the phase (a cycle straddling a switch mixes two kinds of answer).
+    seen = fake.since(down - 5)
+    inside = ({x.at for x in seen if x.arrived >= down}
+              - {x.at for x in seen if x.arrived < down or x.arrived >= healed - 0.3})
+    per_cycle = Counter((x.name, x.at) for x in seen if x.at in inside)
+    # 3 attempts a cycle (6 if two cycles fell on one aligned instant).
+    assert 3 in per_cycle.values() and all(n % 3 == 0 for n in per_cycle.values()), per_cycle
+    serve.until(lambda s: value(s, PREFIX + "upstream_up") == 1 and derived(s) == DERIVED, 5,
+                "recovery")
+    # The cycle in progress (4 rounds of 3 attempts, 0.1 s of backoff each), then two cycles.
+    assert time.monotonic() - healed <= 0.4 + 2 * INTERVAL + SLACK
+    warnings = serve.warnings()  # three if the switch fell inside a cycle
+    assert len(warnings) in (2, 3), warnings
+    assert "cycle failure" in warnings[-1] and "(http_5xx): " in warnings[-1]
+    finish(serve)
+
+
+# --- (5) malformed bodies --------------------------------------------------------------------
+
+
+def _rows(seen: Seen, fake: FakeUpstream) -> list[dict[str, Any]]:
+    assert seen.name is not None
+    return fake.fleet.result(seen.name, seen.at)
+
+
+def _special_values(seen: Seen, fake: FakeUpstream) -> Reply:
+    rows = _rows(seen, fake)
+    if seen.name == "count":
+        for row, special in zip(rows, ["NaN", "+Inf", "-Inf"], strict=False):
+            row["value"][1] = special
+    return Reply(body=encode(payload(rows)))
+
+
+#: (id, answer, reason counted, text in the log line). Every query gets the same answer.
+MALFORMED: list[tuple[str, Callable[[Seen, FakeUpstream], Reply], str, str]] = [
+    ("not JSON", lambda s, f: Reply(body=b"<html><body>Bad Gateway</body></html>",
+                                    headers={"Content-Type": "text/html"}),
+     "bad_response", "not valid JSON"),
+    ("truncated JSON", lambda s, f: Reply(body=encode(payload(_rows(s, f)))[:150]),
+     "bad_response", "not valid JSON"),
+    ("status error", lambda s, f: Reply(body=encode(
+        {"status": "error", "errorType": "timeout", "error": "query timed out in eval"})),
+     "api_error", "timeout: query timed out in eval"),
+    ("wrong resultType", lambda s, f: Reply(body=encode(payload([], "matrix"))),
+     "bad_response", "resultType is 'matrix'"),
+    ("missing data", lambda s, f: Reply(body=encode({"status": "success"})),
+     "bad_response", "answer has no 'data'"),
+    ("missing value", lambda s, f: Reply(body=encode(payload(
+        [{"metric": r["metric"]} for r in _rows(s, f)]))),
+     "bad_response", "has no 'value'"),
+    ("non-numeric value", lambda s, f: Reply(body=encode(payload(
+        [{**r, "value": [r["value"][0], "twelve"]} for r in _rows(s, f)]))),
+     "bad_response", "could not convert string to float: 'twelve'"),
+    ("label not a string", lambda s, f: Reply(body=encode(payload(
+        [{**r, "metric": {**r["metric"], "pod": 7}} for r in _rows(s, f)]))),
+     "bad_response", "label 'pod' has a value that is not a string"),
+    ("lone surrogate", lambda s, f: Reply(body=encode(payload(
+        [{**r, "metric": {**r["metric"], "pod": "tri\ud800ton"}} for r in _rows(s, f)]))),
+     "bad_response", "label 'pod' has a value that is not valid Unicode"),
+    ("nested 100k deep", lambda s, f: Reply(
+        body=b'{"status": "success", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+     "bad_response", "maximum recursion depth"),
+    ("400-digit timestamp", lambda s, f: Reply(body=encode(payload(
+        [{**r, "value": [10**400, "1"]} for r in _rows(s, f)]))),
+     "bad_response", "too large to convert to float"),
+]
+
+
+def test_malformed_bodies_are_counted_and_never_published(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+    interval = INTERVAL / 2  # eleven kinds of bad answer, each for two cycles
+    serve = start_serve(cleanup, exporter_config(fake.url, interval), tmp_path)
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    good_rate = fake.fleet.rate
+
+    # NaN, +Inf and -Inf are valid answers: those samples are dropped, never published.
+    fake.answer = lambda seen: _special_values(seen, fake)
+    dropped = [labels for labels, _ in fake.fleet.triton[:3]]
+    kept = sum(v for _, v in fake.fleet.triton[3:])
+    s = serve.until(lambda s: value(s, FLEET_RATE) == pytest.approx(kept), 5, "NaN/Inf dropped")
+    assert no_non_finite(s)
+    pairs = published_pairs(s)
+    assert pairs == fake.fleet.pairs() - {(d["model"], d["version"], d["pod"]) for d in dropped}
+    assert value(s, ":triton_inference_rate_drift:ratio") == pytest.approx(1.0)
+    assert value(s, PREFIX + "upstream_up") == 1
+
+    for name, answer, reason, text in MALFORMED:
+        fake.answer = lambda seen, answer=answer: answer(seen, fake)
+        before = serve.count(PREFIX + "upstream_requests_total", outcome=reason)
+        logged = len(serve.lines)
+        # Two cycles' worth of answers after the switch: at least one cycle wholly in this mode.
+        s = serve.until(lambda s, r=reason, b=before: (
+            value(s, PREFIX + "upstream_requests_total", outcome=r) or 0) >= b + 28, 10, name)
+        assert serve.proc.poll() is None, name
+        assert no_non_finite(s), name
+        assert value(s, PREFIX + "upstream_up") == 0, name
+        assert value(s, FLEET_RATE) in (None, pytest.approx(good_rate), pytest.approx(kept))
+        new = [line for line in serve.lines[logged:] if " WARNING " in line]
+        # One line (two after a good cycle, if the switch fell inside a cycle: "partial").
+        assert len(new) in (1, 2) and text in new[-1] and f"({reason})" in new[-1], (name, new)
+
+    fake.answer = fake.valid
+    healed = time.monotonic()
+    s = serve.until(lambda s: value(s, FLEET_RATE) == pytest.approx(good_rate)
+                    and value(s, PREFIX + "upstream_up") == 1, 5, "recovery")
+    assert time.monotonic() - healed <= 2 * interval + SLACK
+    assert len(serve.warnings()) in (len(MALFORMED), len(MALFORMED) + 1)
+    finish(serve)
+
+
+MIB = 1024 * 1024
+_SERIES_CHUNK = (b'{"metric":{"model":"m","version":"1","pod":"p"},"value":[1,"1"]},' * 16384)[:MIB]
+
+
+def huge_body(total: int) -> Iterator[bytes]:
+    yield b'{"status":"success","data":{"resultType":"vector","result":['
+    for _ in range(total // MIB):
+        yield _SERIES_CHUNK
+
+
+def test_a_200_mib_answer_is_refused_without_being_read(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """Default max_response_bytes (64 MiB) and concurrency (4)."""
+    fake = start_fake(cleanup)
+    cfg = exporter_config(fake.url)
+    del cfg["upstream"]["timeout"]  # reading 64 MiB must not be what fails
+    serve = start_serve(cleanup, cfg, tmp_path)
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    base = serve.memory_kib()
+
+    def too_large(count: int) -> Samples:
+        before = serve.count(PREFIX + "upstream_requests_total", outcome="too_large")
+        return serve.until(lambda s: (value(s, PREFIX + "upstream_requests_total",
+                                            outcome="too_large") or 0) >= before + count,
+                           30, "too_large answers")
+
+    # One query answers 200 MiB without a Content-Length: read up to the bound, then refused.
+    fake.answer = lambda seen: (Reply(body=huge_body(200 * MIB)) if seen.name == "count"
+                                else fake.valid(seen))
+    s = too_large(2)
+    one = serve.memory_kib()
+    # ... and with a Content-Length: refused before reading anything.
+    fake.answer = lambda seen: (Reply(body=huge_body(200 * MIB), headers={
+        "Content-Length": str(200 * MIB)}) if seen.name == "count" else fake.valid(seen))
+    s = too_large(2)
+    declared = serve.memory_kib()
+    assert no_non_finite(s) and value(s, PREFIX + "upstream_up") == 0
+    # Every query at once answers 200 MiB: the bound holds per answer, 4 in flight.
+    fake.answer = lambda seen: Reply(body=huge_body(200 * MIB))
+    too_large(14)
+    every = serve.memory_kib()
+    fake.answer = fake.valid
+    serve.until(lambda s: value(s, PREFIX + "upstream_up") == 1, 10, "recovery")
+    grew = [(m["VmHWM"] - base["VmHWM"]) / 1024 for m in (one, declared, every)]
+    print(f"\npeak RSS {base['VmHWM'] / 1024:.0f} MiB before; growth after a 200 MiB answer "
+          f"to one query {grew[0]:.0f} MiB, declared {grew[1]:.0f} MiB, to every query "
+          f"{grew[2]:.0f} MiB")
+    assert grew[0] < 100 and grew[1] < 100  # the bound (64 MiB) and no copy of it
+    assert grew[2] < 4 * 64 + 64  # concurrency x max_response_bytes, plus slack
+    # A line per phase (a cycle straddling two phases may add one): read and refused,
+    # refused from the header, every query refused.
+    lines = serve.warnings()
+    assert all("(too_large)" in line for line in lines) and len(lines) in (3, 4, 5), lines
+    assert "cycle partial: 1 of 14" in lines[0] and "answer exceeds max_res" in lines[0]
+    assert any("answer of 209715200 bytes exceeds max_response_bytes=67108864" in line
+               for line in lines)
+    assert "cycle failure: 14 of 14" in lines[-1]
+    finish(serve)
+
+
+# --- (9) label values that need escaping, through the whole path -----------------------------
+
+
+WEIRD_PODS = ['triton-"quoted"', "triton-back\\slash", "triton-new\nline", "triton-ünï-模型-🚀",
+              'x"}) or vector(1) #']
+WEIRD_MODELS = [('res"net\\50', "1"), ("bert\nlarge", 'v"2\\'), ("模型-ü", "1")]
+
+
+def test_label_values_survive_the_whole_path_and_never_reach_promql(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+    serve = start_serve(cleanup, exporter_config(fake.url), tmp_path)
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    switched = time.monotonic()
+    weird = Fleet.small(WEIRD_MODELS, WEIRD_PODS)
+    fake.fleet = weird
+    s = serve.until(lambda s: published_pairs(s) == weird.pairs(), 5, "the weird labels")
+    done = value(s, PREFIX + "cycles_total", outcome="success") or 0
+    serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="success") or 0)
+                >= done + 2, 5, "two more cycles")
+    finished = time.monotonic()
+
+    # Exact round trip through /metrics and prometheus_client's parser.
+    rows = s["model_version_pod:nv_inference_count:rate"]
+    want = {tuple(sorted(labels.items())): rate for labels, rate in weird.triton}
+    assert rows == pytest.approx(want)
+    slices = s["gpu_instance:dcgm_tensor_active:avg"]
+    assert {dict(k)["pod"] for k in slices} == set(WEIRD_PODS)
+    assert {dict(k)["pod"] for k in s["pod:nv_inference_count:rate"]} == set(WEIRD_PODS)
+    assert value(s, FLEET_RATE) == pytest.approx(weird.rate)
+
+    # The queries are the catalog's fixed strings, whatever the data.
+    before = {x.query for x in fake.seen if x.arrived < switched}
+    after = {x.query for x in fake.seen if switched <= x.arrived < finished}
+    assert before == after == set(fake.names)
+    values = set(WEIRD_PODS) | {v for pair in WEIRD_MODELS for v in pair if len(v) > 1}
+    assert not [(v, q) for v in values for q in after if v in q]
+    assert not serve.warnings()
+    finish(serve)
+
+
+# --- (6) series churn on the real stack ------------------------------------------------------
+
+
+#: Seconds from the fixture's start to the epoch boundary where the fleet churns. Prometheus
+#: scrapes its first targets about 5 s after it starts (its discovery reload interval).
+LEAD = 9.0
+
+
+@pytest.fixture(scope="module")
+def churn_stack(prometheus_binaries: promserver.PrometheusBinaries,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Seed 1 with four models unloads one model and loads another at the first boundary."""
+    scrape, window, epoch = 0.5, 2.0, 30.0
+    now = time.time()
+    faults = simulate.Faults()
+    spec = simulate.FleetSpec(servers=4, models=4, hosts=2, gpus_per_host=1, seed=1,
+                              epoch_seconds=epoch, churn=0.3, start=now - epoch + LEAD)
+    fleet = simulate.Fleet(spec, faults)
+    sim = simulate.serve(fleet, "127.0.0.1", 0)
+    target = f"127.0.0.1:{sim.server_address[1]}"
+    prom = promserver.PrometheusServer(prometheus_binaries,
+                                       fleet.prometheus_config(target, scrape),
+                                       tmp_path_factory.mktemp("prometheus"))
+    try:
+        prom.start()
+        yield Stack(fleet, faults, f"http://{target}", prom, scrape, window, now)
+    finally:
+        prom.stop()
+        sim.shutdown()
+        sim.server_close()
+
+
+def loaded(fleet: simulate.Fleet, t: float) -> set[tuple[str, str, str]]:
+    return {(m, v, pod) for pod in fleet.pods for m, v in fleet.loaded_models(pod, t)}
+
+
+def test_series_churn_models_and_slices_come_and_go_within_a_cycle(
+    churn_stack: Stack, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    st = churn_stack
+    boundary = st.fleet.epoch_bounds(time.time())[1]
+    before, after = loaded(st.fleet, boundary - 1), loaded(st.fleet, boundary + 1)
+    gone, new = before - after, after - before
+    assert gone and new, "seed 1 unloads and loads a model at the first boundary"
+    cfg = exporter_config(st.prom.url)
+    cfg["evaluation"] |= {"window": f"{st.window:g}s", "scrape_interval": f"{st.scrape:g}s"}
+    serve = start_serve(cleanup, cfg, tmp_path)
+    s = serve.until(lambda s: published_pairs(s) == before, boundary - time.time() - 0.5,
+                    "the models loaded before the boundary")
+
+    # Remove one MIG slice: drop its series at ingestion, as if dcgm-exporter lost it.
+    victim = dict(sorted(s["gpu_instance:dcgm_tensor_active:avg"])[0])
+    dcgm = next(job for job in st.prom.config["scrape_configs"] if job["job_name"] == "dcgm")
+    dcgm["metric_relabel_configs"] = [{
+        "source_labels": ["instance", "GPU_I_ID"], "separator": ";",
+        "regex": re.escape(f"{victim['instance']};{victim['GPU_I_ID']}"), "action": "drop"}]
+    st.prom.reload()
+    removed = time.time()
+
+    seen_gone = seen_new = slice_gone = None
+    deadline = max(boundary, removed) + st.window + 2 * st.scrape + 3 * INTERVAL + 3
+    while time.time() < deadline and None in (seen_gone, seen_new, slice_gone):
+        s = serve.samples()
+        pairs, now = published_pairs(s), time.time()
+        if seen_gone is None and now > boundary and not gone & pairs:
+            seen_gone = now - boundary
+        if seen_new is None and new <= pairs:
+            seen_new = now - boundary
+        slices = s.get("gpu_instance:dcgm_tensor_active:avg", {})
+        if slice_gone is None and slices and tuple(sorted(victim.items())) not in slices:
+            slice_gone = now - removed
+        time.sleep(0.05)
+    print(f"\nchurn: unloaded model gone {seen_gone} s after the boundary, loaded model in "
+          f"{seen_new} s; removed slice gone {slice_gone} s after the reload (window "
+          f"{st.window:g} s, scrape {st.scrape:g} s, interval {INTERVAL:g} s)")
+    # Gone once the window holds fewer than two of its samples, then one cycle; new after two
+    # scrapes, then one cycle (the evaluation instant is aligned down to the interval).
+    assert seen_gone is not None and seen_gone <= st.window + st.scrape + 2 * INTERVAL + 1
+    assert seen_new is not None and seen_new <= 2 * st.scrape + 2 * INTERVAL + 1
+    assert slice_gone is not None and slice_gone <= st.window + 2 * st.scrape + 2 * INTERVAL + 1
+    assert published_pairs(serve.samples()) == after
+    finish(serve)
