@@ -306,8 +306,8 @@ def _label_columns(
         if not _types_within(column, _STR):
             raise _bad(f"label {name!r} has a value that is not a string", query)
         try:
-            # JSON can escape a lone surrogate (\ud800) no exposition can encode: refuse it
-            # here, as the bad answer it is, rather than fail rendering the whole cycle.
+            # JSON can escape a lone surrogate (\ud800) that UTF-8 cannot encode: pandas'
+            # string arrays (and the exposition) would raise on it and crash the whole cycle.
             "".join(column).encode("utf-8")
         except UnicodeEncodeError:
             raise _bad(f"label {name!r} has a value that is not valid Unicode", query) from None

@@ -456,7 +456,8 @@ def test_upstream_absent_at_start_up_then_killed_mid_run(
     serve.until(lambda s: FLEET_RATE in s and value(s, PREFIX + "upstream_up") == 1, 5,
                 "recovery")
     assert time.monotonic() - back <= 2 * INTERVAL + SLACK
-    assert len(serve.warnings()) == 1 + len(killed_lines)
+    # Nothing more, but a "partial" line if the return fell inside a cycle.
+    assert len(serve.warnings()) - 1 - len(killed_lines) in (0, 1)
     finish(serve)
 
 
@@ -524,9 +525,10 @@ def test_slow_upstream_bounds_the_cycle_and_never_slows_a_scrape(
     assert value(s, PREFIX + "cycle_duration_seconds_bucket", le="2.5") == value(
         s, PREFIX + "cycle_duration_seconds_count")
 
-    lines = serve.warnings()  # two if the switch fell inside a cycle
-    assert len(lines) in (1, 2) and all("(timeout)" in line for line in lines), lines
-    assert "cycle failure" in lines[-1] and f"within {timeout:g}s" in lines[-1]
+    # One line, and a "partial" one for each switch that fell inside a cycle.
+    lines = serve.warnings()
+    assert len(lines) in (1, 2, 3) and all("(timeout)" in line for line in lines), lines
+    assert any("cycle failure" in line and f"within {timeout:g}s" in line for line in lines)
     p50, p50_slow = statistics.median(baseline), statistics.median(during)
     print(f"\n/metrics latency: baseline p50 {p50 * 1000:.1f} ms max "
           f"{max(baseline) * 1000:.1f} ms; while a cycle hangs p50 {p50_slow * 1000:.1f} ms "
@@ -625,9 +627,10 @@ def test_http_errors_are_retried_boundedly_and_bad_queries_not_at_all(
                 "recovery")
     # The cycle in progress (4 rounds of 3 attempts, 0.1 s of backoff each), then two cycles.
     assert time.monotonic() - healed <= 0.4 + 2 * INTERVAL + SLACK
-    warnings = serve.warnings()  # three if the switch fell inside a cycle
-    assert len(warnings) in (2, 3), warnings
-    assert "cycle failure" in warnings[-1] and "(http_5xx): " in warnings[-1]
+    # One more line, and a "partial" one for each switch that fell inside a cycle.
+    warnings = serve.warnings()
+    assert len(warnings) in (2, 3, 4), warnings
+    assert any("cycle failure" in w and "(http_5xx): " in w for w in warnings[1:]), warnings
     finish(serve)
 
 
@@ -722,7 +725,9 @@ def test_malformed_bodies_are_counted_and_never_published(
     s = serve.until(lambda s: value(s, FLEET_RATE) == pytest.approx(good_rate)
                     and value(s, PREFIX + "upstream_up") == 1, 5, "recovery")
     assert time.monotonic() - healed <= 2 * interval + SLACK
-    assert len(serve.warnings()) in (len(MALFORMED), len(MALFORMED) + 1)
+    # One line per kind, and a "partial" one where a switch from or to good answers fell inside
+    # a cycle.
+    assert len(MALFORMED) <= len(serve.warnings()) <= len(MALFORMED) + 2
     finish(serve)
 
 
@@ -783,7 +788,7 @@ def test_a_200_mib_answer_is_refused_without_being_read(
     assert "cycle partial: 1 of 14" in lines[0] and "answer exceeds max_res" in lines[0]
     assert any("answer of 209715200 bytes exceeds max_response_bytes=67108864" in line
                for line in lines)
-    assert "cycle failure: 14 of 14" in lines[-1]
+    assert any("cycle failure: 14 of 14" in line for line in lines)
     finish(serve)
 
 

@@ -48,6 +48,7 @@ from test_hardening import (
 
 from exporter import config, web
 from exporter.config import Config
+from exporter.promserver import wait_for
 from exporter.service import QUIET_LOGGERS, Service
 from exporter.web import hash_password, verify_password
 
@@ -181,8 +182,6 @@ def test_serve_at_debug_level_never_leaks_the_credentials(
         fresh.write_text(ROTATED + "\n")
         os.replace(fresh, token_file)
         rotated = time.monotonic()
-        from exporter.promserver import wait_for
-
         wait_for(lambda: f"Bearer {ROTATED}" in {x.headers.get("authorization") for x in
                                                  fake.since(rotated)}, 5, what="the new token")
         assert serve.proc.pid == pid and serve.proc.poll() is None
