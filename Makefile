@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl clean
+.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl load clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -45,7 +45,7 @@ docs: $(STAMP)
 
 # Property tests with 10,000 examples each (make test runs them with a few hundred).
 fuzz: $(STAMP)
-	HYPOTHESIS_EXAMPLES=10000 $(PY) -m pytest -m fuzz -p no:timeout $(PYTEST_ARGS)
+	HYPOTHESIS_EXAMPLES=10000 $(PY) -m pytest -m fuzz --timeout=0 $(PYTEST_ARGS)
 
 # Generated files: regenerate after changing the catalog or config.yaml (tests fail on drift).
 dashboard: $(STAMP)
@@ -72,3 +72,7 @@ bench-quick: prometheus
 bench-xl: prometheus
 	$(PY) benchmarks/run.py --sizes XL --repeat 3 --json benchmarks/results/xl.json
 	$(PY) benchmarks/run.py --render benchmarks/results/latest.json --with-json benchmarks/results/xl.json --markdown docs/benchmarks.md
+
+# 50 concurrent scrapers for 30 s against ~100k derived series while cycles run (docs/hardening.md).
+load: $(STAMP)
+	$(PY) benchmarks/load.py
