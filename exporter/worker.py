@@ -149,11 +149,9 @@ class Worker:
                 m.family_errors.labels(name).inc()
         if report.query_errors:
             first = next(iter(report.query_errors.values()))
-            failed = ", ".join(report.query_errors)
             line = (
                 f"cycle {report.outcome}: {len(report.query_errors)} of "
-                f"{len(catalog.BASE_QUERIES)} upstream queries failed ({first.reason}; "
-                f"base queries: {failed}): {first}"
+                f"{len(catalog.BASE_QUERIES)} upstream queries failed ({first.reason}): {first}"
             )
             # One line per change of state, not one per cycle while the upstream stays down.
             if line != self._last_failure:
