@@ -14,17 +14,21 @@ them: PromQL string literals (the exporter job), Go templates (alert label value
 URL: Prometheus expands templates in both) and YAML (safe_dump).
 
 ``python -m exporter.rules --out rules`` (what ``make rules`` runs) regenerates ``rules/``.
+:func:`inline_recording_rules` turns each recording rule into one expression over raw series,
+to evaluate the rules on history that holds no recorded series (tests/test_rules_history.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import yaml
 
 from exporter import catalog, config
@@ -44,6 +48,7 @@ __all__ = [
     "alerts",
     "check_renames",
     "groups",
+    "inline_recording_rules",
     "main",
     "main_from_args",
     "prometheus_duration",
@@ -360,6 +365,186 @@ def write(cfg: Config, out_dir: str | Path, fmt: str = "prometheus") -> list[Pat
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Inlining: every recording rule as one expression over raw series
+
+
+#: Label that marks, for one evaluation only, the series a matcher keeps (see _filtered).
+_KEEP = "__inline_keep"
+_NUMBER = re.compile(r"[0-9.][0-9A-Za-z_.]*")
+_IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def _matcher_kind(op: Any) -> tuple[bool, bool]:
+    """(the value is literal, not a regex; the matcher keeps what does not match) of ``op``."""
+    for candidate, kind in (
+        (promql_parser.MatchOp.Equal, (True, False)),
+        (promql_parser.MatchOp.NotEqual, (True, True)),
+        (promql_parser.MatchOp.Re, (False, False)),
+        (promql_parser.MatchOp.NotRe, (False, True)),
+    ):
+        if op == candidate:
+            return kind
+    raise ValueError(f"unknown label matcher {op!r}")  # pragma: no cover
+
+
+def _quote_meta(value: str) -> str:
+    """``value`` as an RE2 regex matching it literally (Go's regexp.QuoteMeta)."""
+    return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", value)
+
+
+def _string_end(expr: str, i: int) -> int:
+    """Index just past the PromQL string literal that starts at ``expr[i]``."""
+    quote = expr[i]
+    j = i + 1
+    while j < len(expr):
+        if expr[j] == "\\" and quote != "`":
+            j += 2
+            continue
+        if expr[j] == quote:
+            return j + 1
+        j += 1
+    raise ValueError(f"unterminated string in {expr!r}")
+
+
+def _matchers_end(expr: str, i: int) -> int:
+    """Index just past the ``{...}`` label matchers that start at ``expr[i]``."""
+    j = i + 1
+    while j < len(expr):
+        if expr[j] in "\"'`":
+            j = _string_end(expr, j)
+            continue
+        if expr[j] == "}":
+            return j + 1
+        j += 1
+    raise ValueError(f"unterminated label matchers in {expr!r}")
+
+
+def _filtered(inner: str, label: str, op: Any, value: str) -> str:
+    """``inner`` restricted to the series whose ``label`` matches as ``label op value`` would.
+
+    PromQL has no label filter on an expression, so a matcher becomes: mark the series whose
+    label matches (label_replace, anchored RE2 like a selector's matcher; a missing label reads
+    as ""), keep (``and``) or drop (``unless``) the marked ones, then remove the mark. This holds
+    for any expression, whatever happens to ``label`` inside it.
+    """
+    literal, negate = _matcher_kind(op)
+    regex = _quote_meta(value) if literal else value
+    marked = (f"label_replace({inner}, {promql_string(_KEEP)}, \"1\", {promql_string(label)}, "
+              f"{promql_string(regex)})")
+    mark = f'label_replace(vector(1), {promql_string(_KEEP)}, "1", "", "")'
+    kept = f"{marked} {'unless' if negate else 'and'} on({_KEEP}) {mark}"
+    return f'label_replace({kept}, {promql_string(_KEEP)}, "", "", "")'
+
+
+def _reads(expr: str, records: Iterable[str]) -> list[str]:
+    """The names in ``records`` that vector selectors of ``expr`` read, once per selector."""
+    names = set(records)
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if not isinstance(node, promql_parser.VectorSelector):
+            return
+        if node.name in names:
+            found.append(node.name)
+            return
+        for m in node.matchers.matchers:
+            if m.name != "__name__":
+                continue
+            literal, _ = _matcher_kind(m.op)
+            pattern = _quote_meta(m.value) if literal else m.value
+            if any(re.fullmatch(pattern, name) for name in names):
+                raise ValueError(f"{expr!r}: a __name__ matcher selects a recorded series; "
+                                 "name it instead")
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+def _inline(expr: str, known: Mapping[str, str]) -> str:
+    """``expr`` with each selector of a series in ``known`` replaced by its expression."""
+    out: list[str] = []
+    replaced = 0
+    i = 0
+    while i < len(expr):
+        ch = expr[i]
+        if ch in "\"'`":
+            end = _string_end(expr, i)
+        elif ch == "#":  # a comment runs to the end of the line
+            newline = expr.find("\n", i)
+            end = len(expr) if newline < 0 else newline
+        elif ch == "{":  # label names and values of a selector of a raw series
+            end = _matchers_end(expr, i)
+        elif (number := _NUMBER.match(expr, i)) is not None:  # 1e6, 120s: not names
+            end = number.end()
+        elif (ident := _IDENT.match(expr, i)) is not None:
+            end = ident.end()
+            name = ident.group()
+            rest = end
+            while rest < len(expr) and expr[rest].isspace():
+                rest += 1
+            if name in known and not expr.startswith("(", rest):
+                matchers = ""
+                if expr.startswith("{", rest):
+                    end = _matchers_end(expr, rest)
+                    matchers = expr[rest:end]
+                selector = promql_parser.parse(name + (matchers or "{}"))
+                tail = expr[end:].lstrip()
+                modifier = tail.startswith(("[", "@")) or re.match(r"offset\b", tail) is not None
+                if modifier or not isinstance(selector, promql_parser.VectorSelector):
+                    raise ValueError(f"{expr!r}: {name} is read over a range, with offset or "
+                                     "@, which an inlined expression cannot express")
+                inner = f"({known[name]})"
+                for m in selector.matchers.matchers:
+                    if m.name != "__name__":
+                        inner = f"({_filtered(inner, m.name, m.op, m.value)})"
+                out.append(inner)
+                replaced += 1
+                i = end
+                continue
+        else:
+            end = i + 1
+        out.append(expr[i:end])
+        i = end
+    if replaced != len(_reads(expr, known)):
+        raise ValueError(f"{expr!r}: a recorded series name is used where it is not a selector")
+    return "".join(out)
+
+
+def inline_recording_rules(rule_groups: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Record name -> an expression over raw series only that evaluates to the same samples.
+
+    Each recording rule's selectors of series recorded before it (in group order, then rule
+    order) are replaced by those rules' inlined expressions in parentheses; label matchers on
+    a recorded series become filters (:func:`_filtered`). In Prometheus a rule reads the
+    samples an earlier rule of its group stored for the same instant, so the inlined
+    expression gives the same samples at that instant, but for the metric name: a recording
+    rule overwrites it and vector matching ignores it (only an expression that reads
+    ``__name__`` itself would see it). A store that holds raw series alone (a backfill, another
+    engine's history) can so answer every rule at any past instant with one instant query.
+    A rule that reads a series recorded later, over a range, with offset or @ raises
+    ValueError: those read evaluations of other instants, which no single expression
+    reproduces. Alerting rules are skipped.
+    """
+    known: dict[str, str] = {}
+    recorded = {rule["record"] for group in rule_groups for rule in group["rules"]
+                if "record" in rule}
+    for group in rule_groups:
+        for rule in group["rules"]:
+            if "record" not in rule:
+                continue
+            expr = str(rule["expr"])
+            later = set(_reads(expr, recorded - set(known)))
+            if later:
+                raise ValueError(f"{rule['record']} reads {', '.join(sorted(later))}, "
+                                 "recorded after it")
+            name = str(rule["record"])
+            if name in known:
+                raise ValueError(f"{name} is recorded twice")
+            known[name] = _inline(expr, known)
+    return known
 
 
 # --------------------------------------------------------------------------------------------
