@@ -10,8 +10,10 @@ processes, so the clients' GIL is not what is measured) fetch /metrics back to b
 Printed: scrapes, errors (anything but a 200 with a complete body; must be 0), latency p50 /
 p99 / max, body size, and the exporter's CPU (its process CPU time over the wall time of the
 run, in cores), cycles run and their mean duration, RSS. Not a timed test: a measurement.
+The same figures are written as JSON to ``--json`` (default ``benchmarks/results/load.json``;
+the schema is :func:`as_json`), from which docs/benchmarks.md is rendered.
 
-    .venv/bin/python benchmarks/load.py [--scrapers 50] [--seconds 30] [--interval 10]
+    .venv/bin/python benchmarks/load.py [--scrapers 50] [--seconds 30] [--interval 10s]
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import contextlib
 import http.client
 import json
 import os
+import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,6 +45,8 @@ from exporter import catalog, config
 from exporter.catalog import Selectors
 
 PREFIX = "triton_mig_exporter_"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "load.json"
 TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05}
 TRITON_FACTOR |= {f"{p}_us": 1000.0 * (i + 1) for i, p in enumerate(catalog.PHASES)}
 DCGM_FACTOR = {"tensor": 1.0, "dram": 0.5, "gr_engine": 0.8, "tensor_max": 1.0}
@@ -167,7 +173,60 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cores": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+    }
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces this run, with the interpreter relative to the repository."""
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = Path(sys.executable).absolute().relative_to(ROOT)
+    return shlex.join([str(python), "benchmarks/load.py", *argv])
+
+
+def as_json(args: argparse.Namespace, *, series: float, wall: float, latencies: list[float],
+            errors: int, size: int, cpu: float, cycles: float, cycle_mean: float,
+            rss_mib: float, command: str) -> dict[str, Any]:
+    """The run as JSON: exactly these keys (docs/benchmarks.md is rendered from them)."""
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000, 1)
+
+    return {
+        "machine": machine(),
+        "scrapers": args.scrapers,
+        "seconds": round(wall, 2),  # measured, so scrapes / seconds is the rate
+        "interval": args.interval,
+        "series": int(series),
+        "scrapes": len(latencies),
+        "errors": errors,
+        "p50_ms": ms(statistics.median(latencies)) if latencies else 0.0,
+        "p99_ms": ms(percentile(latencies, 0.99)) if latencies else 0.0,
+        "max_ms": ms(max(latencies)) if latencies else 0.0,
+        "body_bytes": size,
+        "gzip": bool(args.gzip),
+        "cpu_cores": round(cpu / wall, 3) if wall else 0.0,
+        "cycles": int(cycles),
+        "cycle_mean_s": round(cycle_mean, 3),
+        "rss_mib": round(rss_mib, 1),
+        "command": command,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scrapers", type=int, default=50)
     parser.add_argument("--procs", type=int, default=5, help="client processes (scrapers split)")
@@ -178,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-pod", type=int, default=60, help="pairs each pod serves")
     parser.add_argument("--slices", type=int, default=500)
     parser.add_argument("--no-gzip", dest="gzip", action="store_false")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                        help="write the results here as JSON (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.command = command_line(argv)
 
     print(f"building the fleet: {args.pods} pods x {args.per_pod} of {args.pairs} pairs, "
           f"{args.slices} slices", flush=True)
@@ -265,6 +327,12 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[str]) -> int:
           f"cycle outcomes {[k.split('=')[1] for k in after if 'cycles_total,' in k and delta(k)]}")
     for sample in samples:
         print(f"  error: {sample}")
+    document = as_json(args, series=series, wall=wall, latencies=latencies, errors=errors,
+                       size=size, cpu=cpu, cycles=cycles, cycle_mean=cycle_mean,
+                       rss_mib=memory["VmRSS"], command=args.command)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    print(f"results written to {args.json}")
     return 1 if errors else 0
 
 

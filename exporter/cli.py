@@ -1,4 +1,5 @@
-"""Command line: serve, once, check-config, discover, report, rules, dashboard, simulate, demo.
+"""Command line: serve, once, check-config, discover, report, rules, dashboard, simulate, demo,
+hash-password.
 
 Flags follow Prometheus conventions (``--config.file``, ``--web.listen-address``). A bad
 configuration is a one-line usage error (exit 2), never a traceback.
@@ -7,6 +8,7 @@ configuration is a one-line usage error (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import sys
@@ -30,6 +32,7 @@ from exporter import (
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.service import Service, wait_for_signal
+from exporter.web import hash_password
 from exporter.worker import compute, evaluation_time, exposition, series_labels
 
 log = logging.getLogger("exporter")
@@ -97,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config.file", dest="config_file", type=Path, default=None)
     check.add_argument("config_path", nargs="?", type=Path, default=None,
                        help="the file to check (same as --config.file)")
+
+    sub.add_parser(
+        "hash-password",
+        help="read a password on stdin (not echoed on a terminal) and print its hash for "
+        "web.basic_auth_users",
+    )
 
     _add_config_flags(sub.add_parser(
         "discover", help="list the source series the upstream has and which families they allow"
@@ -180,6 +189,27 @@ def cmd_once(args: argparse.Namespace) -> int:
     return 1 if report.query_errors else 0
 
 
+def read_password() -> str | None:
+    """The password: asked twice without echo on a terminal (None if the two differ), else the
+    first line of stdin."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        return password if getpass.getpass("Again: ") == password else None
+    line = sys.stdin.readline()
+    # Only the line ending goes: spaces at either end may be part of the password.
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    password = read_password()
+    if not password:
+        problem = "the two passwords differ" if password is None else "empty password"
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     return discover.run(load_config(args))
 
@@ -194,6 +224,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dashboard": dashboard.main_from_args,
     "simulate": simulate.main_from_args,
     "demo": demo.main_from_args,
+    "hash-password": cmd_hash_password,
 }
 
 

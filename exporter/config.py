@@ -199,6 +199,9 @@ class UpstreamConfig(_Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     backoff: Duration = 0.5
     max_response_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    #: Answer bytes the queries of one cycle may hold at once, shared by the ``concurrency``
+    #: queries in flight (None: 2 x max_response_bytes, see :attr:`cycle_response_bytes`).
+    max_cycle_response_bytes: Annotated[int, Field(gt=0)] | None = None
     #: Base queries of one cycle in flight at once: with round-trip latency the cycle then
     #: takes about its slowest query, not the sum.
     concurrency: Annotated[int, Field(ge=1, le=32)] = 4
@@ -221,6 +224,28 @@ class UpstreamConfig(_Strict):
         if value <= 0:
             raise ValueError("must be greater than 0")
         return value
+
+    @property
+    def cycle_response_bytes(self) -> int:
+        """The cycle's budget: ``max_cycle_response_bytes``, by default two maximal answers.
+
+        Two, not ``concurrency``: one answer at the per-answer bound still gets through while
+        others are read, but four at once (4 x 64 MiB by default) do not.
+        """
+        if self.max_cycle_response_bytes is not None:
+            return self.max_cycle_response_bytes
+        return 2 * self.max_response_bytes
+
+    @model_validator(mode="after")
+    def _budget_holds_an_answer(self) -> UpstreamConfig:
+        budget = self.max_cycle_response_bytes
+        if budget is not None and budget < self.max_response_bytes:
+            raise ValueError(
+                f"max_cycle_response_bytes: {budget} is under max_response_bytes "
+                f"{self.max_response_bytes}; an answer the per-answer bound allows could "
+                "never be read"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_token(self, info: ValidationInfo) -> UpstreamConfig:
@@ -266,7 +291,7 @@ class EvaluationConfig(_Strict):
 
 #: A password hash for web.basic_auth_users, in passlib's pbkdf2-sha256 format:
 #: ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>``, salt and checksum in "adapted base64" (``./``
-#: instead of ``+/``, no padding). ``exporter.web.hash_password`` makes one.
+#: instead of ``+/``, no padding). ``triton-mig-exporter hash-password`` makes one.
 PASSWORD_HASH = re.compile(
     r"^\$pbkdf2-sha256\$([1-9][0-9]{0,9})\$([./A-Za-z0-9]{4,})\$([./A-Za-z0-9]{43})$"
 )
@@ -316,7 +341,7 @@ class WebConfig(_Strict):
                 # The value is not shown: it may be a password pasted where its hash belongs.
                 raise ValueError(
                     f"the value for user {user!r} is not a $pbkdf2-sha256$ password hash "
-                    "(make one with exporter.web.hash_password)"
+                    "(make one with triton-mig-exporter hash-password)"
                 )
         return value
 

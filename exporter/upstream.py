@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import reprlib
@@ -71,7 +72,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Reason = Literal[
-    "connection", "timeout", "http_4xx", "http_5xx", "api_error", "bad_response", "too_large"
+    "connection",
+    "timeout",
+    "http_4xx",
+    "http_5xx",
+    "api_error",
+    "bad_response",
+    "too_large",
+    "over_budget",
 ]
 #: Every value ``UpstreamError.reason`` can take, for creating self-metric labels at start-up.
 REASONS: Final[tuple[Reason, ...]] = (
@@ -82,6 +90,7 @@ REASONS: Final[tuple[Reason, ...]] = (
     "api_error",
     "bad_response",
     "too_large",
+    "over_budget",
 )
 #: Every outcome passed to ``on_request``: ``ok`` or a reason.
 OUTCOMES: Final[tuple[str, ...]] = ("ok", *REASONS)
@@ -144,6 +153,60 @@ class UpstreamError(Exception):
         else:
             what = self.endpoint or "request"
         return f"upstream {what} failed ({self.reason}): {self.detail}"
+
+
+class ResponseBudget:
+    """Answer bytes that the calls sharing it may hold at once (the queries of one cycle).
+
+    A call takes bytes as it reads its answer and gives them all back once it is done with the
+    answer (parsed, or failed); a call that cannot take what it needs fails as ``over_budget``
+    instead of waiting, so a cycle never stalls on its own answers. Thread-safe.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        """Bytes taken and not yet given back."""
+        return self._held
+
+    def take(self, size: int) -> bool:
+        """Take ``size`` more bytes if they fit; False (and nothing taken) if not."""
+        with self._lock:
+            if self._held + size > self.limit:
+                return False
+            self._held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self._held -= size
+
+
+class _Share:
+    """One call's part of a :class:`ResponseBudget`, given back when the call is done."""
+
+    def __init__(self, budget: ResponseBudget) -> None:
+        self.budget = budget
+        self.taken = 0
+
+    def cover(self, size: int) -> bool:
+        """Hold at least ``size`` bytes in all: take the difference, if it fits."""
+        if size <= self.taken:
+            return True
+        if not self.budget.take(size - self.taken):
+            return False
+        self.taken = size
+        return True
+
+    def release(self) -> None:
+        self.budget.give(self.taken)
+        self.taken = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -576,6 +639,11 @@ class PrometheusClient:
 
     ``on_request(outcome, seconds)`` is called once per API call (all retries included), with
     ``ok`` or the :class:`UpstreamError` reason.
+
+    Every answer is bounded by ``cfg.max_response_bytes``, and the answers of the calls in
+    flight at once together by ``cfg.cycle_response_bytes`` (:class:`ResponseBudget`; an
+    answer held from its first byte until it is parsed): the worker runs one cycle at a time,
+    so the calls in flight are the queries of one cycle.
     """
 
     def __init__(
@@ -585,6 +653,7 @@ class PrometheusClient:
         on_request: Callable[[str, float], None] | None = None,
     ) -> None:
         self._cfg = cfg
+        self._budget = ResponseBudget(cfg.cycle_response_bytes)
         self._base = cfg.url.rstrip("/")
         self._on_request = on_request
         self._auth = _Auth(cfg)  # reads secret files now: ConfigError at start-up, not later
@@ -630,11 +699,16 @@ class PrometheusClient:
         """The base URL, without any user:password."""
         return _safe_url(self._base)
 
+    @property
+    def budget(self) -> ResponseBudget:
+        """The answer bytes the calls in flight share (one cycle's queries)."""
+        return self._budget
+
     def instant(self, query: str, at: float) -> QueryResult:
         """Evaluate ``query`` at ``at`` (Unix seconds): a ``vector`` or ``scalar`` answer."""
         form = {"query": query, "time": _time(at), "timeout": self._query_timeout}
-        with self._observe():
-            payload = self._call("POST", "/api/v1/query", form, query)
+        with self._observe(), self._share() as share:
+            payload = self._call("POST", "/api/v1/query", form, query, share)
             return parse_vector(payload, query)
 
     def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
@@ -648,28 +722,28 @@ class PrometheusClient:
             "step": f"{step:.3f}",
             "timeout": self._query_timeout,
         }
-        with self._observe():
-            payload = self._call("POST", "/api/v1/query_range", form, query)
+        with self._observe(), self._share() as share:
+            payload = self._call("POST", "/api/v1/query_range", form, query, share)
             return parse_matrix(payload, query)
 
     def label_names(self) -> list[str]:
-        with self._observe("GET /api/v1/labels"):
-            data, _ = parse_envelope(self._call("GET", "/api/v1/labels", None, None))
+        with self._observe("GET /api/v1/labels"), self._share() as share:
+            data, _ = parse_envelope(self._call("GET", "/api/v1/labels", None, None, share))
             return _string_list(data)
 
     def label_values(self, name: str, match: list[str] | None = None) -> list[str]:
         path = f"/api/v1/label/{quote(name, safe='')}/values"
         params = {"match[]": list(match)} if match else None
-        with self._observe(f"GET {path}"):
-            data, _ = parse_envelope(self._call("GET", path, params, None))
+        with self._observe(f"GET {path}"), self._share() as share:
+            data, _ = parse_envelope(self._call("GET", path, params, None, share))
             return _string_list(data)
 
     def series(self, match: list[str], start: float, end: float) -> list[dict[str, str]]:
         if not match:
             raise ValueError("series() needs at least one match[] selector")
         form = {"match[]": list(match), "start": _time(start), "end": _time(end)}
-        with self._observe("POST /api/v1/series"):
-            data, _ = parse_envelope(self._call("POST", "/api/v1/series", form, None))
+        with self._observe("POST /api/v1/series"), self._share() as share:
+            data, _ = parse_envelope(self._call("POST", "/api/v1/series", form, None, share))
             if not isinstance(data, list) or not all(
                 isinstance(s, Mapping) and all(type(v) is str for v in s.values()) for s in data
             ):
@@ -678,8 +752,10 @@ class PrometheusClient:
 
     def build_info(self) -> dict[str, str]:
         """``/api/v1/status/buildinfo`` flattened to strings (Mimir's ``features.*`` included)."""
-        with self._observe("GET /api/v1/status/buildinfo"):
-            data, _ = parse_envelope(self._call("GET", "/api/v1/status/buildinfo", None, None))
+        with self._observe("GET /api/v1/status/buildinfo"), self._share() as share:
+            data, _ = parse_envelope(
+                self._call("GET", "/api/v1/status/buildinfo", None, None, share)
+            )
             if not isinstance(data, Mapping):
                 raise _bad("'data' is not an object", None)
             return _flatten(data)
@@ -728,6 +804,15 @@ class PrometheusClient:
                 except Exception:
                     log.exception("on_request callback failed")
 
+    @contextmanager
+    def _share(self) -> Iterator[_Share]:
+        """This call's part of the budget, given back when the answer is parsed or failed."""
+        share = _Share(self._budget)
+        try:
+            yield share
+        finally:
+            share.release()
+
     def _secrets(self) -> list[str]:
         return [s for s in [*self._auth.secrets(), *self._redact_values] if len(s) >= 3]
 
@@ -739,9 +824,21 @@ class PrometheusClient:
     def _redact_body(self, body: bytearray) -> bytearray:
         for secret in self._secrets():
             for form in _json_forms(secret):
-                if form in body:
-                    body = body.replace(form, b"<redacted>")
+                encoded = form.encode()
+                if encoded in body:
+                    body = body.replace(encoded, b"<redacted>")
         return body
+
+    def _redact_text(self, text: str) -> str:
+        for secret in self._secrets():
+            for form in _json_forms(secret):
+                if form in text:
+                    text = text.replace(form, "<redacted>")
+        return text
+
+    def _longest_secret(self) -> int:
+        forms = [len(f.encode()) for s in self._secrets() for f in _json_forms(s)]
+        return max(forms, default=0)
 
     def _error(
         self,
@@ -763,7 +860,12 @@ class PrometheusClient:
         )
 
     def _call(
-        self, method: str, path: str, fields: Mapping[str, Any] | None, query: str | None
+        self,
+        method: str,
+        path: str,
+        fields: Mapping[str, Any] | None,
+        query: str | None,
+        share: _Share,
     ) -> Any:
         """Send one request (retries included) and return the decoded JSON of a 2xx answer."""
         url = self._base + path
@@ -788,9 +890,29 @@ class PrometheusClient:
             failure, detail = self._classify(error)
             raise self._error(failure, detail, query=query, endpoint=endpoint) from None
         status = response.status_code
-        try:
-            limit = self._cfg.max_response_bytes if status < 300 else _ERROR_BODY_BYTES
-            body = self._read(response, limit, truncate=status >= 300, query=query, path=endpoint)
+        if 200 <= status < 300:
+            try:
+                text, size = self._read_answer(response, share, query=query, path=endpoint)
+            finally:
+                response.close()
+            log.debug(
+                "%s %s -> %d, %d bytes in %.3fs",
+                method,
+                path,
+                status,
+                size,
+                time.monotonic() - started,
+            )
+            try:
+                return json.loads(text)
+            except (ValueError, RecursionError) as error:
+                raise self._not_json(
+                    error, text[:80], query=query, path=endpoint, status=status
+                ) from None
+        try:  # an error's body: its start is enough, and 64 KiB needs no budget
+            body = self._read(response, _ERROR_BODY_BYTES)
+        except UpstreamError as error:
+            raise self._error(error.reason, error.detail, query=query, endpoint=endpoint) from None
         finally:
             response.close()
         # An upstream (or a proxy) may echo the request's credentials into its answer: errors,
@@ -804,18 +926,6 @@ class PrometheusClient:
             len(body),
             time.monotonic() - started,
         )
-        if 200 <= status < 300:
-            try:
-                return json.loads(body)
-            except (ValueError, UnicodeDecodeError, RecursionError) as error:
-                raise self._error(
-                    "bad_response",
-                    f"HTTP {status} with a body that is not valid JSON ({error}); "
-                    f"body starts {_one_line(body[:80].decode('utf-8', 'replace'), 80)!r}",
-                    query=query,
-                    endpoint=endpoint,
-                    status=status,
-                ) from None
         if 400 <= status < 600:
             reason: Reason = "http_4xx" if status < 500 else "http_5xx"
             detail, error_type = _error_text(body)
@@ -837,54 +947,119 @@ class PrometheusClient:
             status=status,
         )
 
-    def _read(
-        self,
-        response: requests.Response,
-        limit: int,
-        *,
-        truncate: bool,
-        query: str | None,
-        path: str,
-    ) -> bytearray:
-        """The body, read up to ``limit`` bytes: beyond it truncated or refused as too_large.
+    def _not_json(
+        self, error: Exception, start: str, *, query: str | None, path: str, status: int
+    ) -> UpstreamError:
+        return self._error(
+            "bad_response",
+            f"HTTP {status} with a body that is not valid JSON ({error}); "
+            f"body starts {_one_line(start, 80)!r}",
+            query=query,
+            endpoint=path,
+            status=status,
+        )
 
-        One growing buffer, not a list of chunks joined at the end: the peak is the body once.
-        """
-        declared = response.headers.get("Content-Length", "")
-        if not truncate and declared.isdigit() and int(declared) > limit:
-            raise self._error(
-                "too_large",
-                f"answer of {int(declared)} bytes exceeds max_response_bytes={limit}",
-                query=query,
-                endpoint=path,
-                status=response.status_code,
-            )
+    def _read(self, response: requests.Response, limit: int) -> bytearray:
+        """An error's body, truncated at ``limit`` bytes."""
         body = bytearray()
-        over = False
         try:
             for chunk in response.iter_content(_CHUNK):
-                room = limit - len(body)
-                if len(chunk) > room:
-                    body += chunk[:room]
-                    over = True
+                body += chunk[: limit - len(body)]
+                if len(body) >= limit:
                     break
-                body += chunk
         except requests.RequestException as error:
-            body = bytearray()  # the error's traceback must not keep the partial body alive
             reason, detail = self._classify(error)
-            raise self._error(
-                reason, f"reading the answer: {detail}", query=query, endpoint=path
-            ) from None
-        if over and not truncate:
-            body = bytearray()
-            raise self._error(
-                "too_large",
-                f"answer exceeds max_response_bytes={limit}",
-                query=query,
-                endpoint=path,
-                status=response.status_code,
-            )
+            raise UpstreamError(reason, f"reading the answer: {detail}") from None
         return body
+
+    def _read_answer(
+        self, response: requests.Response, share: _Share, *, query: str | None, path: str
+    ) -> tuple[str, int]:
+        """A 2xx answer as text (credentials redacted) and its size in bytes.
+
+        Refused as too_large beyond ``max_response_bytes``, and as over_budget as soon as the
+        budget cannot hold what is read (or what the Content-Length announces: then before a
+        byte is read).
+
+        The bytes go to an anonymous memory map, not a growing bytearray: its pages become
+        resident as they are written and all go back to the system when it is closed. A
+        bytearray grown by realloc lands on malloc's heap once glibc has raised its mmap
+        threshold (it does after freeing a large block): four answers read at once then peaked
+        at twice the bytes they held. The text is decoded straight from the map, as
+        ``json.loads`` would decode bytes (the same one copy).
+        """
+        limit = self._cfg.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit():
+            if int(declared) > limit:
+                raise self._error(
+                    "too_large",
+                    f"answer of {int(declared)} bytes exceeds max_response_bytes={limit}",
+                    query=query,
+                    endpoint=path,
+                    status=response.status_code,
+                )
+            # Announced: held in full before reading, or refused without reading a byte.
+            if not share.cover(int(declared)):
+                raise self._over_budget(response, query, path)
+        buffer: mmap.mmap | bytearray
+        try:
+            buffer = mmap.mmap(-1, limit)
+        except (OSError, OverflowError):  # no address space for the bound: grow as needed
+            buffer = bytearray()
+        try:
+            size = 0
+            try:
+                for chunk in response.iter_content(_CHUNK):
+                    if len(chunk) > limit - size:
+                        raise self._error(
+                            "too_large",
+                            f"answer exceeds max_response_bytes={limit}",
+                            query=query,
+                            endpoint=path,
+                            status=response.status_code,
+                        )
+                    if not share.cover(size + len(chunk)):
+                        raise self._over_budget(response, query, path)
+                    buffer[size : size + len(chunk)] = chunk
+                    size += len(chunk)
+            except requests.RequestException as error:
+                reason, detail = self._classify(error)
+                raise self._error(
+                    reason, f"reading the answer: {detail}", query=query, endpoint=path
+                ) from None
+            encoding = json.detect_encoding(bytes(buffer[: min(4, size)]))
+            try:
+                with memoryview(buffer) as view, view[:size] as body:
+                    text = str(body, encoding, "surrogatepass")
+            except UnicodeDecodeError as error:
+                # Redacted before it is shown: a window wide enough for a whole credential.
+                head = self._redact_body(bytearray(buffer[: 80 + self._longest_secret()]))
+                start = bytes(head[:80]).decode("utf-8", "replace")
+                raise self._not_json(
+                    error, start, query=query, path=path, status=response.status_code
+                ) from None
+        finally:
+            if isinstance(buffer, mmap.mmap):
+                buffer.close()
+        # An upstream (or a proxy) may echo the request's credentials into its answer: errors,
+        # warnings, anything later shown or logged. Remove them before the text is looked at.
+        return self._redact_text(text), size
+
+    def _over_budget(
+        self, response: requests.Response, query: str | None, path: str
+    ) -> UpstreamError:
+        # The same text every time (no byte counts that differ by cycle): the log says a state
+        # once, not once per cycle.
+        return self._error(
+            "over_budget",
+            "the answers held at once by the queries of this cycle would exceed "
+            f"max_cycle_response_bytes={self._budget.limit}; raise it or lower "
+            "upstream.concurrency",
+            query=query,
+            endpoint=path,
+            status=response.status_code,
+        )
 
     def _classify(self, error: requests.RequestException) -> tuple[Reason, str]:
         cause: BaseException | None = error.args[0] if error.args else None
@@ -905,13 +1080,13 @@ class PrometheusClient:
         )
 
 
-def _json_forms(secret: str) -> set[bytes]:
+def _json_forms(secret: str) -> set[str]:
     """The ways ``secret`` can be spelled inside a JSON (or plain) body."""
     return {
-        secret.encode(),
-        json.dumps(secret)[1:-1].encode(),
-        json.dumps(secret, ensure_ascii=False)[1:-1].encode(),
-        json.dumps(secret)[1:-1].replace("/", "\\/").encode(),
+        secret,
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret)[1:-1].replace("/", "\\/"),
     }
 
 

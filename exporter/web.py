@@ -68,8 +68,7 @@ def hash_password(password: str, rounds: int = DEFAULT_ROUNDS, salt: bytes | Non
 
     The same format as passlib's ``pbkdf2_sha256.hash``; from a shell::
 
-        python -c 'import getpass; from exporter.web import hash_password; \\
-            print(hash_password(getpass.getpass()))'
+        triton-mig-exporter hash-password
     """
     salt = secrets.token_bytes(16) if salt is None else salt
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)

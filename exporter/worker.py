@@ -89,6 +89,44 @@ def query_base(
             report.warnings.extend(result.warnings)
 
 
+#: The failure line's length bound: every failed query is named (14 at most, ~35 characters
+#: each); what is cut when an upstream's error texts are long is the end of the last detail.
+LINE_LIMIT = 1500
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and other non-printable characters as escapes (``\\x1b``).
+
+    Error details can quote what the upstream sent (label values, error pages): a terminal
+    escape or a line separator in them must neither act on the reader's terminal nor split the
+    line.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def failure_line(report: CycleReport) -> str:
+    """One log line for a cycle that missed answers: every failed base query and its reason,
+    then what the upstream said, once per reason (the first query that failed with it).
+
+    ``cycle partial: 2 of 14 upstream queries failed: failure (http_5xx), queue_us (http_4xx);
+    failure: HTTP 500: internal error; queue_us: HTTP 429: too_many_requests: slow down``
+    """
+    errors = report.query_errors
+    named = ", ".join(f"{name} ({error.reason})" for name, error in errors.items())
+    details: dict[str, str] = {}
+    for name, error in errors.items():
+        if error.reason not in details:
+            details[error.reason] = f"{name}: {_printable(error.detail)}"
+    line = (
+        f"cycle {report.outcome}: {len(errors)} of {len(catalog.BASE_QUERIES)} upstream "
+        f"queries failed: {named}; {'; '.join(details.values())}"
+    )
+    return line if len(line) <= LINE_LIMIT else line[: LINE_LIMIT - 3] + "..."
+
+
 def series_labels(sel: Selectors) -> dict[str, tuple[str, ...]]:
     return {s.name: s.labels(sel) for s in catalog.SERIES}
 
@@ -148,14 +186,10 @@ class Worker:
             if isinstance(result, derive.DeriveError):
                 m.family_errors.labels(name).inc()
         if report.query_errors:
-            first = next(iter(report.query_errors.values()))
-            line = (
-                f"cycle {report.outcome}: {len(report.query_errors)} of "
-                f"{len(catalog.BASE_QUERIES)} upstream queries failed ({first.reason}): {first}"
-            )
+            line = failure_line(report)
             # One line per change of state, not one per cycle while the upstream stays down.
             if line != self._last_failure:
-                log.warning(line)
+                log.warning("%s", line)
             self._last_failure = line
         else:
             if self._last_failure is not None:

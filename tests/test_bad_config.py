@@ -46,6 +46,9 @@ class Case:
 CASES = [
     Case("unknown key", "upstream: {urll: 'http://prom:9090'}", "upstream.urll", "unknown key"),
     Case("wrong type", "upstream: {retries: many}", "upstream.retries", "valid integer"),
+    Case("cycle response budget under one answer",
+         "upstream: {max_response_bytes: 67108864, max_cycle_response_bytes: 1048576}",
+         "upstream", "max_cycle_response_bytes: 1048576 is under max_response_bytes 67108864"),
     Case("negative interval", "evaluation: {interval: -30s}", "evaluation.interval",
          "expected a duration"),
     Case("window under 4x the scrape interval", "evaluation: {window: 1m, scrape_interval: 30s}",

@@ -1,21 +1,24 @@
-"""cli: usage errors are one line and exit 2; check-config; instants; listen failures."""
+"""cli: usage errors are one line and exit 2; check-config; instants; listen failures;
+hash-password."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from exporter import cli
+from exporter import cli, config
+from exporter.web import verify_password
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False, input=stdin)
 
 
 def test_check_config_accepts_the_documented_default() -> None:
@@ -82,3 +85,53 @@ def test_a_missing_secret_file_is_a_usage_error_not_a_traceback(tmp_path: Path) 
     done = run("once", "--config.file", str(cfg))
     assert done.returncode == 2
     assert "absent-token" in done.stderr and "Traceback" not in done.stderr
+
+
+PASSWORD = " pw with spaces/+=\"SECRET "
+
+
+def test_hash_password_reads_stdin_and_prints_a_hash_the_web_config_accepts() -> None:
+    done = run("hash-password", stdin=PASSWORD + "\r\n")
+    assert done.returncode == 0, done.stderr
+    [hashed] = done.stdout.splitlines()
+    assert verify_password(PASSWORD, hashed)  # the spaces at both ends are kept
+    assert not verify_password(PASSWORD.strip(), hashed)
+    assert PASSWORD.strip() not in done.stdout + done.stderr
+    cfg = config.from_mapping({"web": {"basic_auth_users": {"prometheus": hashed}}}, environ={})
+    assert cfg.web.basic_auth_users == {"prometheus": hashed}
+    again = run("hash-password", stdin=PASSWORD + "\n")
+    assert again.stdout != done.stdout  # a new salt every time
+
+
+def test_hash_password_refuses_an_empty_password() -> None:
+    done = run("hash-password", stdin="\n")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "error: empty password"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("again, code", [(PASSWORD, 0), ("something else", 2)])
+def test_hash_password_on_a_terminal_asks_twice_without_echo(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], again: str, code: int
+) -> None:
+    answers = iter([PASSWORD, again])
+    prompts: list[str] = []
+
+    def getpass(prompt: str = "Password: ") -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr(sys, "stdin", Terminal("never read\n"))
+    monkeypatch.setattr(cli.getpass, "getpass", getpass)
+    assert cli.main(["hash-password"]) == code
+    out, err = capsys.readouterr()
+    assert prompts == ["Password: ", "Again: "]
+    assert PASSWORD.strip() not in out + err
+    if code == 0:
+        assert verify_password(PASSWORD, out.strip())
+    else:
+        assert out == "" and err.strip() == "error: the two passwords differ"

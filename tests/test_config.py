@@ -36,6 +36,10 @@ def test_defaults_match_the_notebook_label_set() -> None:
     ("upstream: {timeout: fast}", "upstream.timeout", "duration"),
     ("upstream: {timeout: 0s}", "upstream.timeout", "greater than 0"),
     ("upstream: {retries: -1}", "upstream.retries", "greater than or equal to 0"),
+    ("upstream: {max_cycle_response_bytes: 0}", "upstream.max_cycle_response_bytes",
+     "greater than 0"),
+    ("upstream: {max_cycle_response_bytes: 1000, max_response_bytes: 1001}", "upstream",
+     "max_cycle_response_bytes: 1000 is under max_response_bytes 1001"),
     ("upstream: {bearer_token: a, bearer_token_file: /b}", "upstream", "not both"),
     ("evaluation: {interval: -5s}", "evaluation.interval", "duration"),
     ("evaluation: {window: 1m, scrape_interval: 30s}", "evaluation", "under 4x"),
@@ -83,6 +87,22 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert cfg.upstream.headers == {"X-Scope-OrgID": "tenant-1"}
     assert cfg.evaluation.window == 300
     assert cfg.replica_labels == ["prometheus_replica", "__replica__"]
+
+
+def test_the_cycle_response_budget_defaults_to_two_answers_and_follows_overrides(
+    tmp_path: Path,
+) -> None:
+    assert config.load(None, environ={}).upstream.cycle_response_bytes == 2 * 64 * 1024 * 1024
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream: {max_response_bytes: 1000}\n")
+    assert config.load(path, environ={}).upstream.cycle_response_bytes == 2000
+    path.write_text("upstream: {max_response_bytes: 1000, max_cycle_response_bytes: 1000}\n")
+    assert config.load(path, environ={}).upstream.cycle_response_bytes == 1000
+    env = {"TRITON_MIG_EXPORTER_UPSTREAM__MAX_CYCLE_RESPONSE_BYTES": "268435456"}
+    assert config.load(path, environ=env).upstream.cycle_response_bytes == 268435456
+    env = {"TRITON_MIG_EXPORTER_UPSTREAM__MAX_CYCLE_RESPONSE_BYTES": "999"}
+    with pytest.raises(ConfigError, match="max_cycle_response_bytes: 999 is under"):
+        config.load(path, environ=env)
 
 
 def test_bad_environment_value_names_the_key() -> None:

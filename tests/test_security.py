@@ -196,6 +196,13 @@ def test_serve_at_debug_level_never_leaks_the_credentials(
     assert secrets_sent(fake), "the upstream did receive credentials"
     log = "\n".join(serve.lines)
     assert " DEBUG " in log and "<redacted>" in log
+    # The cycle's warning names every failed query and quotes, once per reason, what the
+    # upstream said: four echoes of the credentials, each redacted.
+    [line, *_] = [line for line in serve.lines if " WARNING " in line and "cycle partial" in line]
+    assert ("upstream queries failed: count (http_4xx), success (http_5xx), exec (api_error), "
+            "cache_hits (bad_response), request_us (bad_response), queue_us (bad_response); "
+            ) in line, line
+    assert line.count("<redacted>") == 4, line
     for secret in secrets:
         assert secret not in log
         assert secret not in metrics

@@ -44,6 +44,7 @@ from exporter.upstream import (
     PrometheusClient,
     Querier,
     QueryResult,
+    ResponseBudget,
     UpstreamError,
     parse_envelope,
     parse_matrix,
@@ -86,6 +87,8 @@ class Answer:
     delay: float = 0.0
     #: True: the real length; an int: that (false) length; None: no header (close-delimited).
     content_length: bool | int | None = True
+    #: FakeTransport only: the body as a readable object instead of ``body`` (see HeldBody).
+    raw: Any = None
 
 
 @dataclass
@@ -245,7 +248,7 @@ class FakeTransport(BaseAdapter):
         elif isinstance(step.content_length, int) and step.content_length is not False:
             headers["Content-Length"] = str(step.content_length)
         response.headers = CaseInsensitiveDict(headers)
-        response.raw = io.BytesIO(step.body)
+        response.raw = step.raw if step.raw is not None else io.BytesIO(step.body)
         response.url = request.url or ""
         response.request = request
         return response
@@ -579,6 +582,7 @@ def test_reasons_are_the_fixed_label_set() -> None:
         "api_error",
         "bad_response",
         "too_large",
+        "over_budget",
     }
     assert ("ok", *REASONS) == OUTCOMES
 
@@ -737,6 +741,28 @@ def test_unparseable_body_is_bad_response(
     assert caught.value.status == 200
 
 
+@pytest.mark.parametrize("body, fragment", [
+    (b"7", "answer is a JSON int"), (b"{}", "answer status is None"), (b"[]", "JSON list")])
+def test_answers_of_a_few_bytes_are_decoded_as_utf8(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]], body: bytes, fragment: str
+) -> None:
+    client, _ = fake_for(Answer(body=body, content_length=None))
+    with pytest.raises(UpstreamError, match=fragment) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "bad_response"
+
+
+def test_a_body_that_is_not_utf8_shows_its_start_without_the_token(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    body = b"\xff denied: Bearer " + TOKEN.encode() + b" " * 200
+    client, _ = fake_for(Answer(body=body), bearer_token=TOKEN)
+    with pytest.raises(UpstreamError, match="not valid JSON") as caught:
+        client.instant("up", 1.0)
+    assert "denied: Bearer <redacted>" in str(caught.value)
+    assert TOKEN not in str(caught.value) and TOKEN[:20] not in str(caught.value)
+
+
 def test_redirect_is_not_followed(
     fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
 ) -> None:
@@ -781,6 +807,148 @@ def test_body_at_the_bound_is_accepted(
     body = json.dumps(vector(({"i": "1"}, "1"))).encode()
     client, _ = fake_for(Answer(body=body, content_length=None), max_response_bytes=len(body))
     assert client.instant("up", 1.0).frame["value"].tolist() == [1.0]
+
+
+# --- the budget the answers in flight share (upstream.max_cycle_response_bytes) ---
+
+
+def padded(size: int) -> bytes:
+    """A valid vector answer of exactly ``size`` bytes (JSON allows trailing whitespace)."""
+    body = json.dumps(vector(({"pod": "p"}, "7"))).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+class HeldBody:
+    """A response body that gives its first ``head`` bytes, then waits for ``go`` for the rest:
+    an answer still being read while other calls run."""
+
+    def __init__(self, data: bytes, head: int, go: threading.Event) -> None:
+        self.data, self.head, self.go, self.pos = data, head, go, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.pos >= self.head:
+            self.go.wait(10)  # then b"" (a cut answer) if the test never says go
+        end = len(self.data) if self.go.is_set() else self.head
+        size = end - self.pos if size < 0 else min(size, end - self.pos)
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+def test_response_budget_takes_what_fits_and_nothing_else() -> None:
+    budget = ResponseBudget(100)
+    assert budget.take(60) and budget.held == 60
+    assert not budget.take(41) and budget.held == 60  # refused whole, nothing taken
+    assert budget.take(40) and budget.held == 100
+    budget.give(100)
+    assert budget.held == 0 and budget.take(100)
+    with pytest.raises(ValueError):
+        ResponseBudget(0)
+
+
+def test_the_cycle_budget_defaults_to_two_answers(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(Answer(), max_response_bytes=1000)
+    assert client.budget.limit == 2000
+    client, _ = fake_for(Answer(), max_response_bytes=1000, max_cycle_response_bytes=1500)
+    assert client.budget.limit == 1500
+
+
+@pytest.mark.parametrize("declared", [True, None], ids=["content-length", "streamed"])
+def test_an_answer_that_does_not_fit_in_what_is_left_is_over_budget(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]], declared: bool | None
+) -> None:
+    calls: list[str] = []
+    client, _ = fake_for(
+        Answer(body=padded(150_000), content_length=declared),
+        max_response_bytes=200_000,
+        max_cycle_response_bytes=200_000,
+        on_request=lambda outcome, seconds: calls.append(outcome),
+    )
+    assert client.budget.take(100_000)  # another query of the cycle holds half of it
+    with pytest.raises(UpstreamError, match="max_cycle_response_bytes=200000") as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "over_budget"
+    assert "query 'up'" in str(caught.value)
+    assert client.budget.held == 100_000  # the refused answer gave back what it had read
+    client.budget.give(100_000)  # the other query is done: the same answer now fits
+    assert client.instant("up", 1.0).frame["value"].tolist() == [7.0]
+    assert client.budget.held == 0
+    assert calls == ["over_budget", "ok"]
+
+
+def test_one_call_after_another_each_gets_the_whole_budget(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(Answer(body=padded(90_000), content_length=None),
+                         max_response_bytes=100_000, max_cycle_response_bytes=100_000)
+    for _ in range(5):  # 450 kB in all, one at a time: the budget bounds what is held at once
+        assert client.instant("up", 1.0).frame["value"].tolist() == [7.0]
+        assert client.budget.held == 0
+
+
+def test_failed_calls_give_their_share_back(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]],
+) -> None:
+    client, _ = fake_for(
+        Answer(body=b"{" + b" " * 50_000),  # read whole, then not JSON
+        Answer(body=padded(150_000), content_length=None),  # over max_response_bytes
+        Answer(status=500, body=b"x" * 50_000),
+        max_response_bytes=100_000, retries=0,
+    )
+    for reason in ("bad_response", "too_large", "http_5xx"):
+        with pytest.raises(UpstreamError) as caught:
+            client.instant("up", 1.0)
+        assert caught.value.reason == reason
+        assert client.budget.held == 0
+
+
+@pytest.mark.parametrize("declared", [True, None], ids=["content-length", "streamed"])
+def test_concurrent_answers_share_the_budget(
+    fake_for: Callable[..., tuple[PrometheusClient, FakeTransport]], declared: bool | None
+) -> None:
+    """One answer is still being read (70 kB in) when a second of 140 kB arrives: together
+    they would hold 210 kB of a 200 kB budget, so the second fails and the first completes."""
+    go = threading.Event()
+    first = padded(120_000)
+    client, transport = fake_for(
+        Answer(raw=HeldBody(first, 70_000, go), content_length=None),
+        Answer(body=padded(140_000), content_length=declared),
+        max_response_bytes=150_000,
+        max_cycle_response_bytes=200_000,
+    )
+    answers: list[QueryResult | BaseException] = []
+
+    def slow() -> None:
+        try:
+            answers.append(client.instant("slow", 1.0))
+        except BaseException as error:  # reported by the assertions below
+            answers.append(error)
+
+    reader = threading.Thread(target=slow)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while client.budget.held < 70_000 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert client.budget.held == 70_000
+        with pytest.raises(UpstreamError) as caught:
+            client.instant("fast", 1.0)
+        assert caught.value.reason == "over_budget" and caught.value.query == "fast"
+        assert client.budget.held == 70_000
+    finally:
+        go.set()
+        reader.join(10)
+    [result] = answers
+    assert isinstance(result, QueryResult), result
+    assert result.frame["value"].tolist() == [7.0]
+    assert client.budget.held == 0
+    assert [form_of(r)["query"] for r in transport.sent] == [["slow"], ["fast"]]
 
 
 def test_on_request_reports_each_call_once(
