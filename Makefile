@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl load clean
+.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl load dashboard-png clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -23,7 +23,7 @@ alertmanager: $(STAMP)
 	$(PY) -c "from exporter.amserver import find_alertmanager; b = find_alertmanager(); print('alertmanager', b.version, b.alertmanager)"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check exporter tests benchmarks
+	$(VENV)/bin/ruff check exporter tests benchmarks docs/dashboard_png.py
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -51,6 +51,10 @@ fuzz: $(STAMP)
 dashboard: $(STAMP)
 	$(PY) -m exporter dashboard --config.file config.yaml
 
+# The README's picture of the dashboard's main panels (about 4 min on the demo's pieces).
+dashboard-png: prometheus
+	$(PY) docs/dashboard_png.py --out docs/img/dashboard.png
+
 rules: $(STAMP)
 	$(PY) -m exporter rules --out rules
 	$(PY) -m exporter rules --out rules --format prometheusrule
@@ -61,8 +65,10 @@ rules: $(STAMP)
 # Every generated file at once.
 generate: rules dashboard docs
 
-# Benchmarks against a backfilled Prometheus (benchmarks/README.md): S, M, L in about 3 min.
+# Benchmarks against a backfilled Prometheus (benchmarks/README.md): S, M, L in about 3 min,
+# after the load run (50 scrapers, ~1 min) whose figures docs/benchmarks.md also shows.
 bench: prometheus
+	$(PY) benchmarks/load.py --json benchmarks/results/load.json
 	$(PY) benchmarks/run.py --json benchmarks/results/latest.json --markdown docs/benchmarks.md --with-json benchmarks/results/xl.json
 
 bench-quick: prometheus
@@ -75,4 +81,4 @@ bench-xl: prometheus
 
 # 50 concurrent scrapers for 30 s against ~100k derived series while cycles run (docs/hardening.md).
 load: $(STAMP)
-	$(PY) benchmarks/load.py
+	$(PY) benchmarks/load.py --json benchmarks/results/load.json

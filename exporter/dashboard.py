@@ -33,6 +33,7 @@ __all__ = [
     "UID",
     "add_arguments",
     "dumps",
+    "host_label",
     "main",
     "main_from_args",
     "render",
@@ -52,6 +53,13 @@ DRIFT_TOLERANCE = 0.05
 DATASOURCE: Json = {"type": "prometheus", "uid": "${datasource}"}
 MODEL_FILTER = 'model=~"$model"'
 POD_FILTER = 'pod=~"$pod"'
+#: Slice labels that name the GPU node, most specific first; none of them: the first slice label.
+HOST_LABELS = ("Hostname", "hostname", "host", "node", "instance")
+HOST_DESCRIPTION = (
+    "GPU node, from the {label} label of the per-slice gpu_instance:* series (the node's "
+    "dcgm-exporter). It filters only the panels of those series: no Triton series and no "
+    "fleet-wide sum of the contract carries a host label."
+)
 
 #: Catalog units as Grafana units; a unit missing here fails generation.
 UNITS: dict[str, str] = {
@@ -86,6 +94,18 @@ def _unit(series: catalog.Series) -> str:
         raise KeyError(
             f"dashboard: catalog unit {series.unit!r} of {series.name} has no Grafana unit"
         ) from None
+
+
+def host_label(sel: Selectors) -> str:
+    """The published slice label that names the GPU node: the ``$host`` variable's label."""
+    for label in HOST_LABELS:
+        if label in sel.slice_labels:
+            return label
+    return sel.slice_labels[0]
+
+
+def _host_filter(sel: Selectors) -> str:
+    return f'{host_label(sel)}=~"$host"'
 
 
 def _selector(name: str, *matchers: str) -> str:
@@ -449,17 +469,18 @@ def _mig(b: _Builder, cfg: Config) -> None:
     tensor_sum = b.use(":dcgm_tensor_active:sum")
     dram_sum = b.use(":dcgm_dram_active:sum")
     idle = b.use(":dcgm_mig_slices_idle:count")
-    b.add(_timeseries("Tensor activity in GPU-equivalents", equivalents.help,
+    fleet_wide = " Fleet-wide: the series has no host label, so $host does not filter it."
+    b.add(_timeseries("Tensor activity in GPU-equivalents", equivalents.help + fleet_wide,
                       [Query(equivalents.name, "GPU-equivalents busy")],
                       _unit(equivalents)), 8, 8)
     b.add(_timeseries("Activity summed over slices",
-                      f"Tensor: {tensor_sum.help} DRAM: {dram_sum.help}",
+                      f"Tensor: {tensor_sum.help} DRAM: {dram_sum.help}{fleet_wide}",
                       [Query(tensor_sum.name, "tensor"), Query(dram_sum.name, "DRAM")],
                       _unit(tensor_sum)), 8, 8)
     b.add(_timeseries(
         "Idle MIG slices",
         f"{idle.help} Idle threshold: tensor activity under {cfg.dcgm.idle_threshold:g} "
-        "(dcgm.idle_threshold).",
+        f"(dcgm.idle_threshold).{fleet_wide}",
         [Query(idle.name, "idle slices")], _unit(idle), decimals=0), 8, 8)
 
     activity = [b.use(f"gpu_instance:dcgm_{short}_active:avg")
@@ -468,8 +489,10 @@ def _mig(b: _Builder, cfg: Config) -> None:
     b.add(_slice_table(activity, columns, sel), 12, 10)
     tensor = activity[0]
     b.add(_status_history(
-        "Tensor activity per slice", f"{tensor.help} The workload pod is {catalog.POD}.",
-        Query(_selector(tensor.name, POD_FILTER), slice_legend)), 12, 10)
+        "Tensor activity per slice",
+        f"{tensor.help} The workload pod is {catalog.POD}; $host filters by "
+        f"{host_label(sel)}.",
+        Query(_selector(tensor.name, _host_filter(sel), POD_FILTER), slice_legend)), 12, 10)
 
 
 def _activity_thresholds() -> Json:
@@ -487,7 +510,8 @@ def _slice_table(
     descriptions = " ".join(f"{title}: {s.help}" for title, s in zip(columns, activity,
                                                                      strict=True))
     return {
-        "description": f"Latest activity of each MIG slice (0..1). {descriptions}",
+        "description": f"Latest activity of each MIG slice (0..1), of the hosts in $host "
+        f"({host_label(sel)}). {descriptions}",
         "fieldConfig": {
             "defaults": {
                 "color": {"mode": "thresholds"},
@@ -515,7 +539,7 @@ def _slice_table(
             "showHeader": True,
             "sortBy": [{"desc": True, "displayName": columns[0]}],
         },
-        "targets": _targets([Query(_selector(s.name, POD_FILTER), table=True)
+        "targets": _targets([Query(_selector(s.name, _host_filter(sel), POD_FILTER), table=True)
                              for s in activity]),
         "title": "Slice activity now",
         "transformations": [
@@ -635,7 +659,8 @@ def _others(b: _Builder) -> None:
     b.row("Other catalog series")
     for series in rest:
         labels = series.labels(b.sel)
-        matchers = [m for label, m in ((catalog.MODEL, MODEL_FILTER), (catalog.POD, POD_FILTER))
+        matchers = [m for label, m in ((catalog.MODEL, MODEL_FILTER), (catalog.POD, POD_FILTER),
+                                       (host_label(b.sel), _host_filter(b.sel)))
                     if label in labels]
         b.use(series.name)
         b.add(_timeseries(series.name, series.help,
@@ -643,7 +668,7 @@ def _others(b: _Builder) -> None:
                           _unit(series)), 8, 8)
 
 
-def _variables() -> list[Json]:
+def _variables(sel: Selectors) -> list[Json]:
     datasource: Json = {
         "current": {},
         "hide": 0,
@@ -659,18 +684,24 @@ def _variables() -> list[Json]:
         "type": "datasource",
     }
     out = [datasource]
-    for name, label, source in (
-        (catalog.MODEL, "Model", "model_version:nv_inference_count:rate"),
-        (catalog.POD, "Triton server (pod)", "pod:nv_inference_count:rate"),
+    host = host_label(sel)
+    for name, source_label, label, source, description in (
+        (catalog.MODEL, catalog.MODEL, "Model", "model_version:nv_inference_count:rate",
+         "Model, for the per-model and per-server panels."),
+        (catalog.POD, catalog.POD, "Triton server (pod)", "pod:nv_inference_count:rate",
+         "Triton server pod, for the per-server panels and the slices it runs on."),
+        ("host", host, "GPU host", "gpu_instance:dcgm_tensor_active:avg",
+         HOST_DESCRIPTION.format(label=host)),
     ):
         _series(source)
-        query = f"label_values({source}, {name})"
+        query = f"label_values({source}, {source_label})"
         out.append({
             # All means any value, not a regex of every value the variable listed.
             "allValue": ".*",
             "current": {},
             "datasource": DATASOURCE,
             "definition": query,
+            "description": description,
             "hide": 0,
             "includeAll": True,
             "label": label,
@@ -718,7 +749,7 @@ def render(cfg: Config) -> dict[str, Any]:
         "refresh": format_duration(cfg.evaluation.interval),
         "schemaVersion": SCHEMA_VERSION,
         "tags": ["triton", "mig", "dcgm", "triton-mig-exporter"],
-        "templating": {"list": _variables()},
+        "templating": {"list": _variables(b.sel)},
         "time": {"from": "now-6h", "to": "now"},
         "timepicker": {},
         "timezone": "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from exporter import config, promserver
+from exporter import cli, config, promserver
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -789,3 +790,138 @@ def test_the_documented_overlay_builds(tmp_path: Path, no_auth: bool) -> None:
         assert not secrets and mounts == ["/etc/triton-mig-exporter", "/tmp"]
     else:
         assert len(secrets) == 1 and len(mounts) == 3
+
+
+# ============================================================================================
+# systemd unit for a bare host or VM
+
+SYSTEMD_UNIT = ROOT / "deploy" / "systemd" / "triton-mig-exporter.service"
+
+
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    """Sections of a unit file as (key, value) lists: repeated keys (SystemCallFilter=) kept in
+    order, comments dropped, backslash continuations joined."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    pending = ""
+    for raw in text.splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1].rstrip() + " "
+            continue
+        header = re.fullmatch(r"\[(\w+)\]", line)
+        if header:
+            current = sections.setdefault(header.group(1), [])
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"not a directive: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def unit_value(sections: dict[str, list[tuple[str, str]]], section: str, key: str) -> str:
+    values = [v for k, v in sections[section] if k == key]
+    assert len(values) == 1, (section, key, values)
+    return values[0]
+
+
+def exec_start() -> list[str]:
+    sections = parse_unit(SYSTEMD_UNIT.read_text(encoding="utf-8"))
+    return shlex.split(unit_value(sections, "Service", "ExecStart"))
+
+
+def test_parse_unit_keeps_repeated_keys_and_continuations() -> None:
+    sections = parse_unit("[Service]\n# c\nA=1\nA=~2 \\\n  3\n[Install]\nB=x\n")
+    assert sections == {"Service": [("A", "1"), ("A", "~2 3")], "Install": [("B", "x")]}
+
+
+def test_systemd_unit_runs_serve_with_flags_the_cli_accepts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = exec_start()
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["scripts"]
+    binary = PurePosixPath(argv[0])
+    assert binary.is_absolute() and binary.name in scripts
+    # The CLI's own parser: an unknown subcommand or flag exits 2 and fails here.
+    try:
+        args = cli.build_parser().parse_args(argv[1:])
+    except SystemExit as error:
+        pytest.fail(f"the CLI refuses {argv[1:]}: {capsys.readouterr().err} ({error})")
+    assert args.command == "serve"
+    assert args.config_file == Path("/etc/triton-mig-exporter/config.yaml")
+    # The parser is strict enough to catch a wrong flag.
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*argv[1:], "--config-file", "x"])
+
+
+def test_systemd_unit_is_hardened_and_restarts_on_failure() -> None:
+    sections = parse_unit(SYSTEMD_UNIT.read_text(encoding="utf-8"))
+    service = dict(sections["Service"])
+    assert service.get("DynamicUser") == "yes" or service.get("User") not in (None, "root")
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                       "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
+                       "CapabilityBoundingSet": "", "Restart": "on-failure"}.items():
+        assert unit_value(sections, "Service", key) == value, key
+    # The exporter writes no file: nothing is made writable again.
+    assert "ReadWritePaths" not in service
+    assert unit_value(sections, "Install", "WantedBy") == "multi-user.target"
+    assert "network-online.target" in unit_value(sections, "Unit", "After")
+
+
+def test_deploy_doc_shows_the_committed_unit() -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert "deploy/systemd/triton-mig-exporter.service" in doc
+    assert " ".join(exec_start()) in doc
+    # The install commands create the paths the unit runs.
+    assert "python3 -m venv /opt/triton-mig-exporter" in doc
+    assert "/etc/triton-mig-exporter/config.yaml" in doc
+
+
+def systemd_analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze is not on PATH")
+    return found
+
+
+def runnable_unit(tmp_path: Path, extra: str = "") -> Path:
+    """The unit with ExecStart's binary pointed at this venv's console script
+    (systemd-analyze verify checks that the binary exists)."""
+    script = Path(sys.executable).parent / "triton-mig-exporter"
+    assert script.is_file()
+    text = SYSTEMD_UNIT.read_text(encoding="utf-8").replace(exec_start()[0], str(script))
+    path = tmp_path / SYSTEMD_UNIT.name
+    path.write_text(text.replace("[Service]\n", f"[Service]\n{extra}"), encoding="utf-8")
+    return path
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    done = subprocess.run([analyze, "verify", str(runnable_unit(tmp_path))],
+                          capture_output=True, text=True, timeout=60, check=False)
+    # Unknown or misplaced directives are only warnings: any output fails.
+    assert done.returncode == 0 and not done.stdout + done.stderr, done.stdout + done.stderr
+    (tmp_path / "broken").mkdir()
+    broken = runnable_unit(tmp_path / "broken", "ProtectSystm=strict\n")
+    done = subprocess.run([analyze, "verify", str(broken)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "ProtectSystm" in done.stdout + done.stderr
+
+
+def test_systemd_analyze_security_rates_the_unit_ok(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    version = subprocess.run([analyze, "--version"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    match = re.match(r"systemd (\d+)", version)
+    if match is None or int(match.group(1)) < 250:
+        pytest.skip("systemd-analyze security --offline needs systemd 250 or later")
+    done = subprocess.run(
+        # Exposure from 0 (locked down) to 10; the threshold is in tenths: at most 2.0 ("OK").
+        [analyze, "security", "--offline=yes", "--threshold=20",
+         str(runnable_unit(tmp_path))],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"Overall exposure level for \S+: [01]\.\d", done.stdout), done.stdout
