@@ -31,10 +31,9 @@ from types import TracebackType
 from typing import Any, Self
 
 import requests
-import yaml
 
 from exporter import promserver
-from exporter.process import ManagedProcess, ProcessStartError, url_host
+from exporter.process import ConfiguredServer, ProcessStartError, url_host
 from exporter.rules import ALERT_NAMES
 
 __all__ = [
@@ -280,16 +279,7 @@ def prometheus_alerting(*addresses: str) -> dict[str, Any]:
 # The server
 
 
-def _plain(value: Any) -> Any:
-    """Mappings and sequences as dicts and lists, for yaml.safe_dump."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
-class AlertmanagerServer(ManagedProcess):
+class AlertmanagerServer(ConfiguredServer):
     """One Alertmanager process in its own process group, HA gossip off, on one dir and port.
 
     A config given as a mapping is written into ``data_dir`` as ``alertmanager.yml``; the
@@ -301,6 +291,7 @@ class AlertmanagerServer(ManagedProcess):
     log_marker = "amserver"
     CONFIG_NAME = "alertmanager.yml"
     LOG_NAME = "alertmanager.log"
+    request_error = AlertmanagerError
     start_error = AlertmanagerStartError
 
     def __init__(
@@ -313,21 +304,10 @@ class AlertmanagerServer(ManagedProcess):
         ui_path: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        super().__init__(data_dir, host, port)
+        super().__init__(config, data_dir, host, port)
         self.binaries = binaries
-        self.config = config
         self.ui_path = ui_path
         self.extra_args = tuple(extra_args)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir
-
-    @property
-    def config_path(self) -> Path:
-        if isinstance(self.config, Path):
-            return self.config.absolute()
-        return self.data_dir / self.CONFIG_NAME
 
     def command(self) -> list[str]:
         command = [
@@ -342,11 +322,6 @@ class AlertmanagerServer(ManagedProcess):
             command.append(f"--web.ui-path={Path(self.ui_path).absolute()}/")
         return [*command, *self.extra_args]
 
-    def prepare(self) -> None:
-        if not isinstance(self.config, Path):
-            text = yaml.safe_dump(_plain(self.config), sort_keys=False)
-            self.config_path.write_text(text, encoding="utf-8")
-
     def probe(self) -> str | None:
         """``/-/ready`` answers 200 and our own log says it listens on our address (a foreign
         Alertmanager on the port answers too while ours fails to bind)."""
@@ -355,13 +330,6 @@ class AlertmanagerServer(ManagedProcess):
         if answer.status_code == 200 and listening in self._run_log():
             return None
         return f"/-/ready answered {answer.status_code}"
-
-    def reload(self) -> None:
-        """Apply a changed config (a mapping in ``self.config`` is rewritten first)."""
-        self.prepare()
-        answer = requests.post(f"{self.url}/-/reload", timeout=10)
-        if not answer.ok:
-            raise AlertmanagerError(f"reload refused ({answer.status_code}): {answer.text.strip()}")
 
     def alerts(
         self,

@@ -13,13 +13,22 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import requests
+import yaml
 
-__all__ = ["ManagedProcess", "ProcessStartError", "free_port", "url_host"]
+__all__ = [
+    "ConfiguredServer",
+    "ManagedProcess",
+    "ProcessStartError",
+    "free_port",
+    "url_host",
+    "write_yaml",
+]
 
 
 class ProcessStartError(RuntimeError):
@@ -41,6 +50,20 @@ def url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def _plain(value: Any) -> Any:
+    """Mappings/sequences as dict/list so yaml.safe_dump accepts any Mapping the caller built."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` (any nesting of mappings and sequences) to ``path`` as YAML, keys in order."""
+    path.write_text(yaml.safe_dump(_plain(data), sort_keys=False), encoding="utf-8")
 
 
 class ManagedProcess:
@@ -243,3 +266,48 @@ class ManagedProcess:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.is_running() else "stopped"
         return f"{type(self).__name__}({self.url}, {self.workdir}, {state})"
+
+
+class ConfiguredServer(ManagedProcess):
+    """A managed server with one config file and a ``POST /-/reload`` (Prometheus, Alertmanager).
+
+    Its data lives in ``data_dir`` (the work folder). A config given as a mapping is written
+    there as :attr:`CONFIG_NAME` before each start and reload; a path is used as it is.
+    """
+
+    CONFIG_NAME: ClassVar[str] = "config.yml"
+    #: What a refused reload raises.
+    request_error: ClassVar[type[Exception]] = RuntimeError
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | Path,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
+        super().__init__(data_dir, host, port)
+        self.config = config
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir
+
+    @property
+    def config_path(self) -> Path:
+        if isinstance(self.config, Path):
+            return self.config.absolute()
+        return self.data_dir / self.CONFIG_NAME
+
+    def prepare(self) -> None:
+        if not isinstance(self.config, Path):
+            write_yaml(self.config_path, self.config)
+
+    def reload(self) -> None:
+        """Apply a changed config without a restart (a mapping in ``self.config`` is rewritten)."""
+        self.prepare()
+        answer = requests.post(f"{self.url}/-/reload", timeout=10)
+        if not answer.ok:
+            raise self.request_error(
+                f"reload refused ({answer.status_code}): {answer.text.strip()}"
+            )

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
-import yaml
 
-from exporter.process import ManagedProcess, ProcessStartError, free_port  # free_port: re-exported
+# free_port is re-exported: callers import it from here.
+from exporter.process import ConfiguredServer, ProcessStartError, free_port
 
 __all__ = [
     "BackfillError",
@@ -273,20 +273,11 @@ def wait_for(
         time.sleep(interval)
 
 
-def _plain(value: Any) -> Any:
-    """Mappings/sequences as dict/list so yaml.safe_dump accepts any Mapping the caller built."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # The server
 
 
-class PrometheusServer(ManagedProcess):
+class PrometheusServer(ConfiguredServer):
     """One Prometheus process in its own process group, stoppable and restartable on one dir/port.
 
     The TSDB lives in ``data_dir``; a config given as a mapping is written there as
@@ -297,6 +288,7 @@ class PrometheusServer(ManagedProcess):
     log_marker = "promserver"
     CONFIG_NAME = "prometheus.yml"
     LOG_NAME = "prometheus.log"
+    request_error = PrometheusError
     start_error = PrometheusStartError
 
     def __init__(
@@ -309,21 +301,10 @@ class PrometheusServer(ManagedProcess):
         retention: str = "100y",
         extra_args: Sequence[str] = (),
     ) -> None:
-        super().__init__(data_dir, host, port)
+        super().__init__(config, data_dir, host, port)
         self.binaries = binaries
-        self.config = config
         self.retention = retention
         self.extra_args = tuple(extra_args)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir
-
-    @property
-    def config_path(self) -> Path:
-        if isinstance(self.config, Path):
-            return self.config.absolute()
-        return self.data_dir / self.CONFIG_NAME
 
     def command(self) -> list[str]:
         return [
@@ -335,11 +316,6 @@ class PrometheusServer(ManagedProcess):
             "--web.enable-lifecycle",
             *self.extra_args,
         ]
-
-    def prepare(self) -> None:
-        if not isinstance(self.config, Path):
-            text = yaml.safe_dump(_plain(self.config), sort_keys=False)
-            self.config_path.write_text(text, encoding="utf-8")
 
     def _get(self, path: str, **params: str) -> requests.Response:
         return requests.get(f"{self.url}{path}", params=params or None, timeout=2)
@@ -366,13 +342,6 @@ class PrometheusServer(ManagedProcess):
 
     def port_lost(self, error: Exception) -> bool:
         return super().port_lost(error) or "another" in str(error)
-
-    def reload(self) -> None:
-        """Apply a changed config without a restart (a mapping in ``self.config`` is rewritten)."""
-        self.prepare()
-        answer = requests.post(f"{self.url}/-/reload", timeout=10)
-        if not answer.ok:
-            raise PrometheusError(f"reload refused ({answer.status_code}): {answer.text.strip()}")
 
     def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
         """Instant query ``promql`` (at unix time ``at``); the ``result`` list of the answer."""

@@ -32,9 +32,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import requests
-import yaml
 
-from exporter.process import ManagedProcess, ProcessStartError
+from exporter.process import ManagedProcess, ProcessStartError, write_yaml
 from exporter.promserver import find_binary, wait_for
 
 PACKAGE = "victoria-metrics"
@@ -71,14 +70,6 @@ def _package_version(binary: Path) -> str:
         return "unknown"
     # "victoriametrics (1.79.5+ds1-2) unstable; urgency=medium"
     return first.split("(", 1)[1].split(")", 1)[0] if "(" in first else "unknown"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,9 +145,7 @@ class VictoriaMetrics(Service):
 
     def prepare(self) -> None:
         if self.scrape_config is not None:
-            self.scrape_path.write_text(
-                yaml.safe_dump(_plain(prometheus_to_promscrape(self.scrape_config)),
-                               sort_keys=False), encoding="utf-8")
+            write_yaml(self.scrape_path, prometheus_to_promscrape(self.scrape_config))
 
     def args(self) -> list[str]:
         args = [f"-storageDataPath={self.data_dir}", f"-httpListenAddr={self.listen}",
@@ -281,8 +270,7 @@ class VMAuth(Service):
         return self.workdir / "auth.yml"
 
     def prepare(self) -> None:
-        self.config_path.write_text(yaml.safe_dump(_plain(self.auth_config), sort_keys=False),
-                                    encoding="utf-8")
+        write_yaml(self.config_path, self.auth_config)
 
     def args(self) -> list[str]:
         return [f"-auth.config={self.config_path}", f"-httpListenAddr={self.listen}",
