@@ -21,10 +21,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,9 +31,9 @@ from types import TracebackType
 from typing import Any, Self
 
 import requests
-import yaml
 
 from exporter import promserver
+from exporter.process import ConfiguredServer, ProcessStartError, url_host
 from exporter.rules import ALERT_NAMES
 
 __all__ = [
@@ -80,7 +78,7 @@ class AlertmanagerError(RuntimeError):
     """A running Alertmanager refused a request (reload, query)."""
 
 
-class AlertmanagerStartError(AlertmanagerError):
+class AlertmanagerStartError(AlertmanagerError, ProcessStartError):
     """Alertmanager exited or never became ready; the message carries the tail of its log."""
 
 
@@ -281,22 +279,7 @@ def prometheus_alerting(*addresses: str) -> dict[str, Any]:
 # The server
 
 
-def _plain(value: Any) -> Any:
-    """Mappings and sequences as dicts and lists, for yaml.safe_dump."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _host_for_url(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
-
-
-class AlertmanagerServer:
+class AlertmanagerServer(ConfiguredServer):
     """One Alertmanager process in its own process group, HA gossip off, on one dir and port.
 
     A config given as a mapping is written into ``data_dir`` as ``alertmanager.yml``; the
@@ -304,8 +287,12 @@ class AlertmanagerServer:
     log and silences live in ``data_dir`` too.
     """
 
+    name = "Alertmanager"
+    log_marker = "amserver"
     CONFIG_NAME = "alertmanager.yml"
     LOG_NAME = "alertmanager.log"
+    request_error = AlertmanagerError
+    start_error = AlertmanagerStartError
 
     def __init__(
         self,
@@ -317,39 +304,10 @@ class AlertmanagerServer:
         ui_path: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
+        super().__init__(config, data_dir, host, port)
         self.binaries = binaries
-        self.config = config
-        self.data_dir = Path(data_dir).absolute()
-        self.host = host
-        self._auto_port = port is None
-        self.port = port if port is not None else promserver.free_port(host or "127.0.0.1")
         self.ui_path = ui_path
         self.extra_args = tuple(extra_args)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://{_host_for_url(self.host)}:{self.port}"
-
-    @property
-    def listen_address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / self.LOG_NAME
-
-    @property
-    def config_path(self) -> Path:
-        if isinstance(self.config, Path):
-            return self.config.absolute()
-        return self.data_dir / self.CONFIG_NAME
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def command(self) -> list[str]:
         command = [
@@ -364,103 +322,14 @@ class AlertmanagerServer:
             command.append(f"--web.ui-path={Path(self.ui_path).absolute()}/")
         return [*command, *self.extra_args]
 
-    def _write_config(self) -> None:
-        if not isinstance(self.config, Path):
-            text = yaml.safe_dump(_plain(self.config), sort_keys=False)
-            self.config_path.write_text(text, encoding="utf-8")
-
-    def start(self, timeout: float = 30.0) -> Self:
-        """Launch and block until it is ready on our port; a no-op when already running."""
-        if self.is_running():
-            return self
-        self.stop()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
-        attempts = 3 if self._auto_port else 1
-        for attempt in range(attempts):
-            try:
-                self._launch()
-                self._wait_ready(timeout)
-                return self
-            except AlertmanagerStartError:
-                self.stop()
-                if attempt + 1 < attempts and "address already in use" in self._run_log():
-                    self.port = promserver.free_port(self.host or "127.0.0.1")
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _launch(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- amserver: starting {' '.join(self.command())}\n".encode())
-            log.flush()
-            self._log_offset = log.tell()
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )
-
-    def _wait_ready(self, timeout: float) -> None:
+    def probe(self) -> str | None:
         """``/-/ready`` answers 200 and our own log says it listens on our address (a foreign
         Alertmanager on the port answers too while ours fails to bind)."""
-        deadline = time.monotonic() + timeout
+        answer = requests.get(f"{self.url}/-/ready", timeout=2)
         listening = f'msg="Listening on" address={self.listen_address}'
-        problem = "no answer yet"
-        while True:
-            proc = self._proc
-            if proc is None:
-                raise AlertmanagerStartError("Alertmanager is not started")
-            code = proc.poll()
-            if code is not None:
-                raise AlertmanagerStartError(
-                    f"Alertmanager exited with code {code} before it was ready on {self.url}; "
-                    f"log tail:\n{self._run_log_tail()}"
-                )
-            try:
-                answer = requests.get(f"{self.url}/-/ready", timeout=2)
-                problem = f"/-/ready answered {answer.status_code}"
-                if answer.status_code == 200 and listening in self._run_log():
-                    return
-            except requests.RequestException as error:
-                problem = f"{type(error).__name__}: {error}"
-            if time.monotonic() >= deadline:
-                raise AlertmanagerStartError(
-                    f"Alertmanager not ready on {self.url} after {timeout:g}s ({problem}); "
-                    f"log tail:\n{self._run_log_tail()}"
-                )
-            time.sleep(0.05)
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``timeout``; safe to call repeatedly."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        finally:
-            self._proc = None
-
-    def reload(self) -> None:
-        """Apply a changed config (a mapping in ``self.config`` is rewritten first)."""
-        self._write_config()
-        answer = requests.post(f"{self.url}/-/reload", timeout=10)
-        if not answer.ok:
-            raise AlertmanagerError(f"reload refused ({answer.status_code}): {answer.text.strip()}")
+        if answer.status_code == 200 and listening in self._run_log():
+            return None
+        return f"/-/ready answered {answer.status_code}"
 
     def alerts(
         self,
@@ -485,39 +354,6 @@ class AlertmanagerServer:
             raise AlertmanagerError(f"GET /api/v2/alerts: {answer.status_code}: {answer.text}")
         result: list[dict[str, Any]] = answer.json()
         return result
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-n:])
-
-    def _run_log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _run_log_tail(self, n: int = 20) -> str:
-        return "\n".join(self._run_log().splitlines()[-n:]) or "(empty)"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"pid {self.pid}" if self.is_running() else "stopped"
-        return f"AlertmanagerServer({self.url}, {self.data_dir}, {state})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,7 +412,7 @@ class WebhookReceiver:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{_host_for_url(str(host))}:{port}/alerts"
+        return f"http://{url_host(str(host))}:{port}/alerts"
 
     def start(self) -> Self:
         if self._thread is None:

@@ -8,13 +8,10 @@ taken from PATH when present, else unpacked from Debian's package into a cache f
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,11 +19,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import requests
-import yaml
+
+# free_port is re-exported: callers import it from here.
+from exporter.process import ConfiguredServer, ProcessStartError, free_port
 
 __all__ = [
     "BackfillError",
@@ -60,7 +58,7 @@ class PrometheusError(RuntimeError):
     """A running Prometheus refused a request (query, reload)."""
 
 
-class PrometheusStartError(PrometheusError):
+class PrometheusStartError(PrometheusError, ProcessStartError):
     """Prometheus exited or never became ready; the message carries the tail of its log."""
 
 
@@ -248,14 +246,6 @@ def find_prometheus(cache_dir: Path | None = None) -> PrometheusBinaries:
 # Small helpers
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the kernel's pick; racy, so starts retry on clashes)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(
     predicate: Callable[[], T],
     timeout: float,
@@ -283,36 +273,23 @@ def wait_for(
         time.sleep(interval)
 
 
-def _plain(value: Any) -> Any:
-    """Mappings/sequences as dict/list so yaml.safe_dump accepts any Mapping the caller built."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _host_for_url(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 # --------------------------------------------------------------------------------------------
 # The server
 
 
-class PrometheusServer:
+class PrometheusServer(ConfiguredServer):
     """One Prometheus process in its own process group, stoppable and restartable on one dir/port.
 
     The TSDB lives in ``data_dir``; a config given as a mapping is written there as
     ``prometheus.yml`` and the process log goes to ``prometheus.log`` (appended across restarts).
     """
 
+    name = "Prometheus"
+    log_marker = "promserver"
     CONFIG_NAME = "prometheus.yml"
     LOG_NAME = "prometheus.log"
+    request_error = PrometheusError
+    start_error = PrometheusStartError
 
     def __init__(
         self,
@@ -324,48 +301,12 @@ class PrometheusServer:
         retention: str = "100y",
         extra_args: Sequence[str] = (),
     ) -> None:
+        super().__init__(config, data_dir, host, port)
         self.binaries = binaries
-        self.config = config
-        self.data_dir = Path(data_dir).absolute()
-        self.host = host
-        self._auto_port = port is None
-        self.port = port if port is not None else free_port(host or "127.0.0.1")
         self.retention = retention
         self.extra_args = tuple(extra_args)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-
-    # -- properties ---------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """Base URL for HTTP clients, e.g. ``http://127.0.0.1:9090``."""
-        return f"http://{_host_for_url(self.host)}:{self.port}"
-
-    @property
-    def listen_address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / self.LOG_NAME
-
-    @property
-    def config_path(self) -> Path:
-        if isinstance(self.config, Path):
-            return self.config.absolute()
-        return self.data_dir / self.CONFIG_NAME
-
-    @property
-    def pid(self) -> int | None:
-        """PID (= process group id) of the running process, ``None`` when stopped."""
-        return self._proc.pid if self._proc is not None else None
-
-    # -- lifecycle ----------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        """The exact command line; handy in error messages and for running it by hand."""
         return [
             str(self.binaries.prometheus),
             f"--config.file={self.config_path}",
@@ -376,125 +317,31 @@ class PrometheusServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 30.0) -> Self:
-        """Launch and block until Prometheus answers queries; a no-op when already running."""
-        if self.is_running():
-            return self
-        self.stop()  # reap a process that exited on its own
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not isinstance(self.config, Path):
-            text = yaml.safe_dump(_plain(self.config), sort_keys=False)
-            self.config_path.write_text(text, encoding="utf-8")
-        attempts = 3 if self._auto_port else 1
-        for attempt in range(attempts):
-            try:
-                self._launch()
-                self.wait_ready(timeout)
-                return self
-            except PrometheusStartError as error:
-                self.stop()
-                # Another process took our auto-picked port between free_port() and bind().
-                clash = "address already in use" in self._run_log() or "another" in str(error)
-                if attempt + 1 < attempts and clash:
-                    self.port = free_port(self.host or "127.0.0.1")
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _launch(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- promserver: starting {' '.join(self.command())}\n".encode())
-            log.flush()
-            self._log_offset = log.tell()
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )
-
     def _get(self, path: str, **params: str) -> requests.Response:
         return requests.get(f"{self.url}{path}", params=params or None, timeout=2)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Poll ``/-/ready``, then one real query, and check the answer comes from *our* process.
+    def probe(self) -> str | None:
+        """``/-/ready``, then one real query, and the answer must come from *our* process.
 
         The last check (``storage.tsdb.path`` in the flags) catches a foreign Prometheus that
         already listens on the port while ours is still failing to bind.
         """
-        deadline = time.monotonic() + timeout
-        ready = False
-        problem = "no answer yet"
-        while True:
-            proc = self._proc
-            if proc is None:
-                raise PrometheusStartError("Prometheus is not started")
-            code = proc.poll()
-            if code is not None:
-                raise PrometheusStartError(
-                    f"Prometheus exited with code {code} before it was ready on {self.url}; "
-                    f"log tail:\n{self._run_log_tail()}"
-                )
-            try:
-                if not ready:
-                    ready = self._get("/-/ready").status_code == 200
-                    problem = "/-/ready not 200"
-                if ready:
-                    answer = self._get("/api/v1/query", query="1")
-                    problem = f"query answered {answer.status_code}"
-                    if answer.ok and answer.json().get("status") == "success":
-                        flags = self._get("/api/v1/status/flags").json().get("data", {})
-                        served = flags.get("storage.tsdb.path")
-                        if served is not None and Path(served) != self.data_dir:
-                            raise PrometheusStartError(
-                                f"{self.url} is served by another Prometheus (TSDB {served}); "
-                                f"ours log tail:\n{self._run_log_tail()}"
-                            )
-                        return
-            except (requests.RequestException, ValueError) as error:
-                problem = f"{type(error).__name__}: {error}"
-            if time.monotonic() >= deadline:
-                raise PrometheusStartError(
-                    f"Prometheus not ready on {self.url} after {timeout:g}s ({problem}); "
-                    f"log tail:\n{self._run_log_tail()}"
-                )
-            time.sleep(0.05)
+        if self._get("/-/ready").status_code != 200:
+            return "/-/ready not 200"
+        answer = self._get("/api/v1/query", query="1")
+        if not (answer.ok and answer.json().get("status") == "success"):
+            return f"query answered {answer.status_code}"
+        flags = self._get("/api/v1/status/flags").json().get("data", {})
+        served = flags.get("storage.tsdb.path")
+        if served is not None and Path(served) != self.data_dir:
+            raise PrometheusStartError(
+                f"{self.url} is served by another Prometheus (TSDB {served}); "
+                f"ours log tail:\n{self._run_log_tail()}"
+            )
+        return None
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the whole process group, SIGKILL after ``timeout``; safe to call repeatedly.
-
-        Signals go out only while the leader is not yet reaped, so its PID (= the group id)
-        cannot have been reused by an unrelated process.
-        """
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        finally:
-            self._proc = None
-
-    def reload(self) -> None:
-        """Apply a changed config without a restart (a mapping in ``self.config`` is rewritten)."""
-        if not isinstance(self.config, Path):
-            text = yaml.safe_dump(_plain(self.config), sort_keys=False)
-            self.config_path.write_text(text, encoding="utf-8")
-        answer = requests.post(f"{self.url}/-/reload", timeout=10)
-        if not answer.ok:
-            raise PrometheusError(f"reload refused ({answer.status_code}): {answer.text.strip()}")
+    def port_lost(self, error: Exception) -> bool:
+        return super().port_lost(error) or "another" in str(error)
 
     def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
         """Instant query ``promql`` (at unix time ``at``); the ``result`` list of the answer."""
@@ -507,44 +354,6 @@ class PrometheusServer:
             raise PrometheusError(f"query {promql!r} failed: {body.get('error', answer.text)}")
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
-
-    # -- logs ---------------------------------------------------------------------------------
-
-    def log_tail(self, n: int = 20) -> str:
-        """The last ``n`` lines of the log (all runs), for error messages and test failures."""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-n:])
-
-    def _run_log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _run_log_tail(self, n: int = 20) -> str:
-        return "\n".join(self._run_log().splitlines()[-n:]) or "(empty)"
-
-    # -- context manager ----------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"pid {self.pid}" if self.is_running() else "stopped"
-        return f"PrometheusServer({self.url}, {self.data_dir}, {state})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ restart; the upstream's certificate is verified by default, against a CA bundle 
 and not at all only with a warning; /metrics can be served over TLS behind basic auth.
 
 Certificates are made for each run with ``openssl`` (a CA and a server certificate for
-127.0.0.1 signed by it). The fake upstream and the ``serve`` wrapper are test_hardening's.
+127.0.0.1 signed by it). The fake upstream and the ``serve`` wrapper come from ``fakes``, shared
+with test_hardening.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from test_hardening import (
+from fakes import (
     DERIVED,
     FLEET_RATE,
     PREFIX,

@@ -5,8 +5,9 @@ into the project's cache with ``exporter.promserver.find_binary`` (``apt-get dow
 ``dpkg -x``; no service is installed). They are always taken from that package, never from PATH:
 the flags and query semantics the tests rely on are those of that version.
 
-Every process runs in its own process group, logs to a file in its work folder and is stopped by
-its own PID (SIGTERM, then SIGKILL). The fixtures that create them stop them.
+Every process is an ``exporter.process.ManagedProcess``: it runs in its own process group, logs to
+a file in its work folder and is stopped by its own PID (SIGTERM, then SIGKILL). The fixtures
+that create them stop them.
 
 Two small in-process helpers complete a "Mimir-like" endpoint and a notifier:
 
@@ -22,11 +23,8 @@ import gzip
 import http.client
 import http.server
 import json
-import os
-import signal
 import subprocess
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +32,15 @@ from types import TracebackType
 from typing import Any, Self
 
 import requests
-import yaml
 
-from exporter.promserver import find_binary, free_port, wait_for
+from exporter.process import ManagedProcess, ProcessStartError, write_yaml
+from exporter.promserver import find_binary, wait_for
 
 PACKAGE = "victoria-metrics"
 HOST = "127.0.0.1"
 
 
-class VMStartError(RuntimeError):
+class VMStartError(ProcessStartError):
     """A process exited or never became ready; the message carries its log tail."""
 
 
@@ -74,38 +72,26 @@ def _package_version(binary: Path) -> str:
     return first.split("(", 1)[1].split(")", 1)[0] if "(" in first else "unknown"
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # Processes
 
 
-class Service:
+class Service(ManagedProcess):
     """One process in its own process group on 127.0.0.1:<free port>, ready when ``/health``
     answers 200 (every VictoriaMetrics component serves it)."""
 
     name = "service"
+    log_marker = "vmharness"
+    start_error = VMStartError
 
     def __init__(self, binary: Path, workdir: Path) -> None:
+        super().__init__(workdir, HOST)
         self.binary = binary
-        self.workdir = Path(workdir).absolute()
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
 
     # -- to override --
 
     def args(self) -> list[str]:
         raise NotImplementedError
-
-    def prepare(self) -> None:
-        """Write config files into the work folder before a start."""
 
     def ready(self) -> bool:
         return requests.get(f"{self.url}/health", timeout=2).status_code == 200
@@ -113,115 +99,18 @@ class Service:
     # -- common --
 
     @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
     def listen(self) -> str:
-        return f"{HOST}:{self.port}"
+        return self.listen_address
 
     @property
     def log_path(self) -> Path:
         return self.workdir / f"{self.name}.log"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def command(self) -> list[str]:
         return [str(self.binary), *self.args()]
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout: float = 30.0) -> Self:
-        if self.is_running():
-            return self
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            self.port = free_port(HOST)
-            self.prepare()
-            self._launch()
-            try:
-                self._wait_ready(timeout)
-                return self
-            except VMStartError:
-                clash = "address already in use" in self._run_log()
-                self.stop()
-                if clash and attempt < 2:
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _launch(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- vmharness: starting {' '.join(self.command())}\n".encode())
-            log.flush()
-            self._log_offset = log.tell()
-            self._proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, start_new_session=True)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        problem = "no answer yet"
-        while True:
-            proc = self._proc
-            assert proc is not None
-            code = proc.poll()
-            if code is not None:
-                raise VMStartError(f"{self.name} exited with code {code}; log tail:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if self.ready():
-                    return
-                problem = "not ready"
-            except (requests.RequestException, ValueError) as error:
-                problem = f"{type(error).__name__}: {error}"
-            if time.monotonic() >= deadline:
-                raise VMStartError(f"{self.name} not ready on {self.url} after {timeout:g}s "
-                                   f"({problem}); log tail:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM our process group, SIGKILL after ``timeout``; only while not yet reaped."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        finally:
-            self._proc = None
-
-    def _run_log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, n: int = 20) -> str:
-        return "\n".join(self._run_log().splitlines()[-n:]) or "(empty)"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"pid {self.pid}" if self.is_running() else "stopped"
-        return f"{type(self).__name__}({self.url}, {state})"
+    def probe(self) -> str | None:
+        return None if self.ready() else "not ready"
 
 
 class VictoriaMetrics(Service):
@@ -256,9 +145,7 @@ class VictoriaMetrics(Service):
 
     def prepare(self) -> None:
         if self.scrape_config is not None:
-            self.scrape_path.write_text(
-                yaml.safe_dump(_plain(prometheus_to_promscrape(self.scrape_config)),
-                               sort_keys=False), encoding="utf-8")
+            write_yaml(self.scrape_path, prometheus_to_promscrape(self.scrape_config))
 
     def args(self) -> list[str]:
         args = [f"-storageDataPath={self.data_dir}", f"-httpListenAddr={self.listen}",
@@ -383,8 +270,7 @@ class VMAuth(Service):
         return self.workdir / "auth.yml"
 
     def prepare(self) -> None:
-        self.config_path.write_text(yaml.safe_dump(_plain(self.auth_config), sort_keys=False),
-                                    encoding="utf-8")
+        write_yaml(self.config_path, self.auth_config)
 
     def args(self) -> list[str]:
         return [f"-auth.config={self.config_path}", f"-httpListenAddr={self.listen}",
