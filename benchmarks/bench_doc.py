@@ -20,9 +20,13 @@ How to read it:
 - The exporter sends a fixed number of grouped queries per cycle (14), whatever the fleet
   size; the notebook's pattern sends 20 plus two per (model, version) plus two per MIG slice,
   so its query count grows with the fleet while ours stays flat.
-- From S to L against a local Prometheus, the cycle is bounded by the exporter's own CPU work,
-  mostly a fixed cost of pandas calls in `derive_all` (a few dozen groupbys and merges on small
-  frames, about the same at S and L); the upstream answers in tens of milliseconds. At XL the
+- From S to L against a local Prometheus the upstream answers in tens of milliseconds, so the
+  exporter's own CPU work (parsing the answers, `derive_all`, rendering the exposition and
+  gzip) is a visible share of the cycle; the computed lines under each run give the split.
+  `derive_all` groups and joins integer label codes with numpy: a fixed part per cycle (its
+  few dozen groupings and the DataFrames it takes and returns) plus a part per series, so its
+  time per 1k series falls from S to L and flattens once the series dominate (the derive
+  table). Rendering writes each family's text straight from its columns. At XL the
   upstream's own evaluation dominates (each Triton query reads tens of thousands of series),
   and with several queries in flight on this 2-core machine Prometheus competes with itself
   and with the exporter for CPU, so the sum of its per-query times grows and cycle times vary.
@@ -36,9 +40,13 @@ How to read it:
 - `/metrics` serves bytes rendered once per cycle: its time is HTTP plus the small self-metrics
   block, independent of the cycle; the body grows with the series published (gzip shrinks it
   about 3x at S and 10x at XL).
-- Peak RSS is mostly the import baseline (Python, pandas, pyarrow, prometheus-client,
-  APScheduler, pydantic: the "RSS after start" column); the cycle's frames, decoded answers and
-  rendered families add a few MiB up to L and about as much again as the baseline at XL."""
+- Peak RSS is mostly the import baseline (Python, pandas, prometheus-client, APScheduler,
+  pydantic: the "RSS after start" column), plus pyarrow (about 40 MiB) when it is importable:
+  pandas imports it whenever it is installed, as in the benchmark's venv (the `report` extra);
+  the Docker image installs no extras, and `--no-pyarrow` measures the exporter that way (the
+  facts line of each run says which). The cycle's frames, decoded answers and rendered
+  families add a few MiB up to L and about as much again as the baseline at XL; the snapshot
+  keeps only the exposition bytes of each family."""
 
 
 def _profile_table(entries: Sequence[Mapping[str, Any]]) -> str:
@@ -93,10 +101,51 @@ def _section(payload: Mapping[str, Any], heading: str) -> list[str]:
     return out
 
 
-def render(payload: Mapping[str, Any], extras: Sequence[Mapping[str, Any]]) -> str:
+def _derive_section(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
+    results = [r for p in payloads for r in p["results"]]
+    rows = bench_report.derive_rows(results)
+    if not rows:
+        return []
+    return [
+        "## The derive step against the series it derives",
+        "",
+        "`derive_all` per cycle (medians, direct upstream) for every size above, by the number "
+        "of series it derived. Linear in the series count shows as a flat time per 1k series "
+        "once the fixed part of a cycle is small beside the part per series.",
+        "",
+        bench_report.markdown_table(bench_report.DERIVE_HEADER, rows),
+    ]
+
+
+def _load_section(load: Mapping[str, Any]) -> list[str]:
+    scrapers = load.get("scrapers")
+    return [
+        f"## Load: {'n/a' if scrapers is None else scrapers} scrapers on /metrics",
+        "",
+        "`benchmarks/load.py`: concurrent scrapers fetch /metrics back to back while the "
+        "exporter runs its cycles against a synthetic upstream of about 100k derived series "
+        "(see its docstring).",
+        "",
+        "```",
+        str(load.get("command", "n/a")),
+        "```",
+        "",
+        f"- machine: {bench_report.load_machine(load)}",
+        "",
+        bench_report.markdown_table(bench_report.LOAD_HEADER, bench_report.load_rows(load)),
+    ]
+
+
+def render(payload: Mapping[str, Any], extras: Sequence[Mapping[str, Any]],
+           load: Mapping[str, Any] | None = None) -> str:
     out = ["# Benchmarks", "", INTRO, ""]
     out += _section(payload, "Default run: " + ", ".join(payload["facts"]["sizes"]))
     for extra in extras:
         out += ["", *_section(extra, "Separate run: " + ", ".join(extra["facts"]["sizes"]))]
+    derive = _derive_section([payload, *extras])
+    if derive:
+        out += ["", *derive]
+    if load is not None:
+        out += ["", *_load_section(load)]
     out += ["", "## Reading", "", READING]
     return "\n".join(out) + "\n"

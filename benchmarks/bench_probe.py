@@ -56,6 +56,8 @@ def rss() -> dict[str, float]:
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "vmhwm_mb": _status_kb("VmHWM") / 1024.0,
         "vmrss_mb": _status_kb("VmRSS") / 1024.0,
+        # pandas imports pyarrow whenever it is installed (about 40 MiB resident).
+        "pyarrow": sys.modules.get("pyarrow") is not None,
     }
 
 
@@ -258,11 +260,13 @@ class Probe:
     """The parent's side: start the probe process, send commands, always stop it."""
 
     def __init__(self, upstream: str, prom: str, at: float, window: str, interval: str,
-                 concurrency: int | None = None) -> None:
+                 concurrency: int | None = None, no_pyarrow: bool = False) -> None:
         command = [sys.executable, str(HERE / "bench_probe.py"), "--upstream", upstream,
                    "--prom", prom, "--at", repr(at), "--window", window, "--interval", interval]
         if concurrency is not None:
             command += ["--concurrency", str(concurrency)]
+        if no_pyarrow:
+            command.append("--no-pyarrow")
         # Own session: a Ctrl-C in the terminal reaches the parent, whose finally stops us.
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, start_new_session=True, cwd=HERE.parent)
@@ -328,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", default="30s")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="upstream.concurrency (default: the exporter's default)")
+    parser.add_argument("--no-pyarrow", action="store_true",
+                        help="make pyarrow unimportable, as in the Docker image (no extras)")
     args = parser.parse_args(argv)
+    if args.no_pyarrow:
+        # Before anything imports pandas, which imports pyarrow whenever it can.
+        sys.modules["pyarrow"] = None  # type: ignore[assignment]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     return serve_probe(args.upstream, args.prom, args.at, args.window, args.interval,
                        args.concurrency)

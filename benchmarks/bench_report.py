@@ -43,6 +43,9 @@ def summarise_cycles(cycles: Sequence[Mapping[str, Any]],
         "overhead_share": median((c["wall"] - c["http_busy"]) / c["wall"] for c in cycles),
         "query_phase_s": median(c["query_base"] for c in cycles),
         "derive_s": median(c["derive"] for c in cycles),
+        # Derivation time per 1000 series it derived (the published series of the cycle).
+        "derive_ms_per_1k_series": median(
+            1e6 * c["derive"] / c["series"] if c["series"] else math.nan for c in cycles),
         "publish_s": median(c["publish"] for c in cycles),
         "other_s": median(c["wall"] - c["query_base"] - c["derive"] - c["publish"]
                           for c in cycles),
@@ -168,7 +171,7 @@ def main_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 BREAKDOWN_HEADER = (
     "size", "upstream", "concurrency", "cycle s (min-max)", "cold cycle s", "query phase s",
     "of which waiting s", "Σ Prom server s", "Σ HTTP s", "Σ decode+parse s", "derive s",
-    "publish s", "series published", "gzip scrape p50 / p99 ms",
+    "derive ms / 1k series", "publish s", "series published", "gzip scrape p50 / p99 ms",
     "body build p50 / p99 ms (plain; gzip)", "RSS after start MiB",
 )
 
@@ -197,12 +200,75 @@ def breakdown_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
             _f(ours["upstream_sum_s"]),
             _f(ours["parse_sum_s"]),
             _f(ours["derive_s"]),
+            _f(derive_per_1k(ours), 2),
             _f(ours["publish_s"]),
             f"{ours['series']}",
             *scrape_cells,
             f"{s['rss']['start_mb']:.0f}",
         ])
     return rows
+
+
+def derive_per_1k(ours: Mapping[str, Any]) -> float:
+    """Derivation ms per 1000 derived series (computed from the medians for older results)."""
+    value = ours.get("derive_ms_per_1k_series")
+    if value is None:
+        value = 1e6 * ours["derive_s"] / ours["series"] if ours.get("series") else math.nan
+    return float(value)
+
+
+DERIVE_HEADER = ("size", "series derived", "derive s", "derive ms per 1k series")
+
+
+def derive_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """The derive step against the number of series it derives, one row per size (direct)."""
+    rows = []
+    for result in sorted(results, key=lambda r: r["modes"]["direct"]["ours"]["series"]
+                         if "direct" in r["modes"] else 0):
+        ours = result["modes"].get("direct", {}).get("ours")
+        if ours is None:
+            continue
+        rows.append([result["size"], f"{ours['series']:,}", _f(ours["derive_s"]),
+                     _f(derive_per_1k(ours), 2)])
+    return rows
+
+
+LOAD_HEADER = (
+    "scrapers", "seconds", "cycle interval", "series", "scrapes", "scrapes/s", "errors",
+    "p50 / p99 / max ms", "body KiB", "gzip", "exporter CPU cores", "cycles",
+    "cycle mean s", "RSS MiB",
+)
+
+
+def _na(load: Mapping[str, Any], key: str, form: str = "{}") -> str:
+    value = load.get(key)
+    return "n/a" if value is None else form.format(value)
+
+
+def load_rows(load: Mapping[str, Any]) -> list[list[str]]:
+    """The one row of benchmarks/load.py's results (any key may be missing: n/a)."""
+    scrapes, seconds = load.get("scrapes"), load.get("seconds")
+    rate = (f"{scrapes / seconds:.0f}" if isinstance(scrapes, int | float)
+            and isinstance(seconds, int | float) and seconds else "n/a")
+    body = load.get("body_bytes")
+    gzip = load.get("gzip")
+    return [[
+        _na(load, "scrapers"), _na(load, "seconds", "{:g}"), _na(load, "interval"),
+        _na(load, "series", "{:,}"), _na(load, "scrapes", "{:,}"), rate, _na(load, "errors"),
+        f"{_na(load, 'p50_ms', '{:.1f}')} / {_na(load, 'p99_ms', '{:.1f}')} / "
+        f"{_na(load, 'max_ms', '{:.1f}')}",
+        _kb(body) if isinstance(body, int | float) else "n/a",
+        "n/a" if gzip is None else ("yes" if gzip else "no"),
+        _na(load, "cpu_cores", "{:.2f}"), _na(load, "cycles"),
+        _na(load, "cycle_mean_s", "{:.3f}"), _na(load, "rss_mib", "{:.0f}"),
+    ]]
+
+
+def load_machine(load: Mapping[str, Any]) -> str:
+    machine = load.get("machine")
+    if not isinstance(machine, Mapping) or not machine:
+        return "n/a"
+    return ", ".join(f"{key} {value}" for key, value in machine.items())
 
 
 FLEET_HEADER = (
@@ -257,6 +323,12 @@ def facts_lines(facts: Mapping[str, Any]) -> list[str]:
         f"{facts['scrapes']} scrapes per format, window {facts['window']}, "
         f"proxy delay {facts['delay_ms']:g} ms, total {facts['total_seconds']:.0f} s",
     ]
+    if "exporter_pyarrow" in facts:
+        lines.append(
+            "- exporter process: " + ("pyarrow importable (the venv has it; pandas then "
+                                      "imports it)" if facts["exporter_pyarrow"] else
+                                      "pyarrow not importable, as in the Docker image")
+        )
     if "background_cpu" in facts:
         lines.append(
             f"- other work on the machine: {100 * facts['background_cpu']:.0f}% of its CPU busy "
@@ -280,7 +352,7 @@ def reading(results: Sequence[Mapping[str, Any]]) -> list[str]:
         parts = {
             "waiting for Prometheus": wait,
             "parsing answers outside that wait": max(0.0, o["query_phase_s"] - wait),
-            "pandas derivation": o["derive_s"],
+            "derivation (derive_all)": o["derive_s"],
             "rendering (publish)": o["publish_s"],
         }
         top = max(parts, key=lambda k: parts[k])

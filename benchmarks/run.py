@@ -52,6 +52,8 @@ from exporter.config import parse_duration
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+#: benchmarks/load.py's results, shown in the Markdown when the file exists.
+LOAD_JSON = HERE / "results" / "load.json"
 
 
 class ProxyProcess:
@@ -130,7 +132,8 @@ def measure_mode(upstream: str, prom_url: str, at: float, args: argparse.Namespa
     runs: list[dict[str, Any]] = []
     scrapes: dict[str, Any] | None = None
     try:
-        with Probe(upstream, prom_url, at, args.window, args.interval, concurrency) as probe:
+        with Probe(upstream, prom_url, at, args.window, args.interval, concurrency,
+                   args.no_pyarrow) as probe:
             start_rss = probe.hello
             cold = probe.ask("cycle")
             if full:
@@ -350,6 +353,7 @@ def machine_facts(binaries: promserver.PrometheusBinaries, args: argparse.Namesp
         "interval": args.interval,
         "delay_ms": 1000 * args.delay,
         "concurrency": args.concurrency,
+        "exporter_pyarrow": not args.no_pyarrow,
         "sizes": args.sizes,
         "loadavg_start": os.getloadavg()[0],
         "background_cpu": background_load(),
@@ -371,11 +375,15 @@ def command_line(args: argparse.Namespace) -> str:
             parts.append(f"--{name} {value}")
     if not args.sequential:
         parts.append("--no-sequential")
+    if args.no_pyarrow:
+        parts.append("--no-pyarrow")
     if args.json:
         parts.append(f"--json {args.json}")
     if args.markdown:
         parts.append(f"--markdown {args.markdown}")
     parts += [f"--with-json {p}" for p in args.with_json]
+    if args.with_load != LOAD_JSON:
+        parts.append(f"--with-load {args.with_load}")
     return " ".join(parts)
 
 
@@ -389,6 +397,9 @@ def render_text(facts: dict[str, Any], results: list[dict[str, Any]]) -> str:
     out += ["", "Fleets:"]
     out.append(bench_report.text_table(bench_report.FLEET_HEADER,
                                        bench_report.fleet_rows(results)))
+    out += ["", "Derive step against the series it derives (direct):"]
+    out.append(bench_report.text_table(bench_report.DERIVE_HEADER,
+                                       bench_report.derive_rows(results)))
     for result in results:
         profile = result.get("profile")
         if profile:
@@ -418,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the exporter's upstream.concurrency (default: its own default)")
     parser.add_argument("--no-sequential", dest="sequential", action="store_false",
                         help="skip the extra proxy run at upstream.concurrency 1")
+    parser.add_argument("--no-pyarrow", action="store_true",
+                        help="run the exporter with pyarrow unimportable, as the Docker image "
+                        "(no extras) runs it; by default it imports what the venv has")
     parser.add_argument("--profile-size", default=None,
                         help="size to cProfile the cycle at (default: the largest run; "
                         "'none' to skip)")
@@ -429,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-json", type=Path, action="append", default=[], metavar="PATH",
                         help="also show the results of an earlier run (e.g. XL) in the Markdown, "
                         "when the file exists (repeatable)")
+    parser.add_argument("--with-load", type=Path, default=LOAD_JSON, metavar="PATH",
+                        help="also show benchmarks/load.py's results in the Markdown, when the "
+                        "file exists (default benchmarks/results/load.json)")
     parser.add_argument("--render", type=Path, default=None, metavar="PATH",
                         help="measure nothing: render --markdown from this results file")
     args = parser.parse_args(argv)
@@ -436,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown is None:
             parser.error("--render needs --markdown")
         payload = json.loads(args.render.read_text())
-        write_markdown(args.markdown, payload, args.with_json)
+        write_markdown(args.markdown, payload, args.with_json, args.with_load)
         return 0
     if args.quick:
         args.sizes, args.repeat = "S", 2
@@ -484,15 +501,17 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
         log(f"wrote {args.json}\n")
     if args.markdown:
-        write_markdown(args.markdown, payload, args.with_json)
+        write_markdown(args.markdown, payload, args.with_json, args.with_load)
         log(f"wrote {args.markdown}\n")
     return 0
 
 
-def write_markdown(path: Path, payload: dict[str, Any], extra: list[Path]) -> None:
+def write_markdown(path: Path, payload: dict[str, Any], extra: list[Path],
+                   load: Path | None = None) -> None:
     extras = [json.loads(p.read_text()) for p in extra if p.exists()]
+    load_results = json.loads(load.read_text()) if load is not None and load.exists() else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(bench_doc.render(payload, extras))
+    path.write_text(bench_doc.render(payload, extras, load_results))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,22 @@ the series is absent. Rules every function keeps, to match the PromQL in the cat
   (``max by`` over the per-replica sums), so a doubled upstream never doubles a figure.
 - A ratio whose denominator is 0 (no traffic: 0/0) is absent, never 0 or NaN.
 - Non-finite samples (NaN, +-Inf from the API) are dropped before anything is computed.
+
+Internally a table is a :class:`Table` of numpy arrays (label codes and values), grouped with
+``np.unique``/``np.bincount``: a cycle's few dozen groupings and joins on small frames cost a
+fixed few milliseconds of pandas overhead each, which would bound the cycle at every fleet
+size. Rows and their order are those of pandas' sorted ``groupby`` and inner ``merge``; sums
+are float64 sums in row order. DataFrames come in (the base frames) and go out (derive_all,
+slice_series).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +37,10 @@ VALUE = "value"
 MV = [MODEL, VERSION]
 MVP = [MODEL, VERSION, POD]
 _PROFILE_SLICES = re.compile(r"^([1-7])g\.")
+#: The dtype pandas gives a column of strings (``str`` in pandas 3): a label the source lacks.
+_STR = pd.Series([""]).dtype
+#: Combined group keys stay below this; beyond it they are renumbered first (no int64 overflow).
+_KEY_LIMIT = 2**62
 
 
 class MissingInput(Exception):
@@ -46,99 +58,235 @@ def _empty(labels: list[str]) -> pd.DataFrame:
                          VALUE: pd.Series([], dtype=float)})
 
 
-def _finite(frame: pd.DataFrame) -> pd.DataFrame:
-    values = frame[VALUE].to_numpy(dtype=float)
-    finite: pd.DataFrame = frame[np.isfinite(values)]
-    return finite
+@dataclass(frozen=True)
+class Table:
+    """A derived table as arrays: per label, row codes into that label's sorted distinct values.
+
+    Grouping then works on integers: a few numpy calls per table, where a pandas groupby or
+    merge costs milliseconds of fixed overhead on the small frames of a cycle. Sorted levels
+    keep the row order pandas' sorted groupby gave.
+    """
+
+    #: label -> int64 row codes (never -1: rows with a missing key are dropped on entry).
+    codes: dict[str, np.ndarray]
+    #: label -> the distinct values, sorted; ``codes`` index into it.
+    levels: dict[str, np.ndarray]
+    #: label -> the dtype the column is published with (the source column's).
+    dtypes: dict[str, Any]
+    value: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.codes)
+
+    def take(self, rows: np.ndarray) -> Table:
+        """The rows selected by a boolean mask or an index array."""
+        return Table({k: c[rows] for k, c in self.codes.items()}, self.levels, self.dtypes,
+                     self.value[rows])
+
+    def with_value(self, value: np.ndarray) -> Table:
+        return Table(self.codes, self.levels, self.dtypes, value)
+
+    def frame(self, labels: list[str]) -> pd.DataFrame:
+        """The table as a DataFrame: ``labels`` (KeyError if one is missing), then ``value``."""
+        missing = [label for label in labels if label not in self.codes]
+        if missing:
+            raise KeyError(f"no label column {missing}")
+        if not len(self):
+            return _empty(labels)
+        columns: dict[str, Any] = {
+            label: pd.array(self.levels[label][self.codes[label]], dtype=self.dtypes[label])
+            for label in labels
+        }
+        columns[VALUE] = self.value
+        return pd.DataFrame(columns, copy=False)
 
 
-def _with_columns(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """The frame with every named label column present ("" where the source lacks it)."""
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        frame = frame.assign(**dict.fromkeys(missing, ""))
-    return frame
+def _empty_table(labels: list[str]) -> Table:
+    none = np.empty(0, dtype=np.int64)
+    return Table({k: none for k in labels}, {k: np.empty(0, dtype=object) for k in labels},
+                 dict.fromkeys(labels, object), np.empty(0, dtype=np.float64))
 
 
-def triton_series(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> pd.DataFrame:
+def _source(
+    frame: pd.DataFrame, columns: Mapping[str, str], fill: Collection[str] = ()
+) -> tuple[Table, np.ndarray]:
+    """A base frame as a :class:`Table` (label ``out`` <- column ``src``) and the mask of its
+    usable rows: finite value and no missing key. Columns named in ``fill`` that the frame
+    lacks read as "" (a series without that label)."""
+    value = frame[VALUE].to_numpy(dtype=np.float64)
+    usable = np.isfinite(value)
+    codes: dict[str, np.ndarray] = {}
+    levels: dict[str, np.ndarray] = {}
+    dtypes: dict[str, Any] = {}
+    for out, src in columns.items():
+        if src not in frame.columns and src in fill:
+            codes[out] = np.zeros(len(frame), dtype=np.int64)
+            levels[out] = np.array([""], dtype=object)
+            dtypes[out] = _STR
+            continue
+        column = frame[src]
+        row_codes, uniques = _factorize(column)
+        usable &= row_codes >= 0  # a missing key: groupby drops the row
+        codes[out] = row_codes
+        levels[out] = uniques
+        dtypes[out] = column.dtype
+    return Table(codes, levels, dtypes, value), usable
+
+
+def _factorize(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Row codes (-1: missing) and the sorted distinct values, in the order pandas' sorted
+    groupby uses (code point order for strings)."""
+    if isinstance(column.dtype, pd.StringDtype):
+        # A dict over the few distinct labels beats pandas' hash table on a cycle's frames.
+        values = column.tolist()
+        distinct = set(values)
+        if all(type(value) is str for value in distinct):  # else missing values: below
+            uniques = sorted(distinct)
+            position = {value: i for i, value in enumerate(uniques)}
+            row_codes = np.fromiter(map(position.__getitem__, values), np.int64, len(values))
+            return row_codes, np.array(uniques, dtype=object)
+    row_codes, found = pd.factorize(column.to_numpy(), sort=True)
+    return row_codes.astype(np.int64, copy=False), np.asarray(found)
+
+
+def _combine(codes: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """One int64 key per row, ordered like the tuples of codes (mixed radix)."""
+    n = len(codes[0]) if codes else 0
+    key = np.zeros(n, dtype=np.int64)
+    span = 1
+    for column, size in zip(codes, sizes, strict=True):
+        size = max(size, 1)
+        if span * size >= _KEY_LIMIT:
+            # Renumber the distinct keys so far (order kept) before the radix overflows.
+            _, key = np.unique(key, return_inverse=True)
+            span = int(key.max()) + 1 if n else 1
+        key = key * size + column
+        span *= size
+    return key
+
+
+def _group(table: Table, by: list[str], how: str) -> Table:
+    """``how`` (sum or max) by the ``by`` labels; groups in sorted label order."""
+    if not len(table):
+        return _empty_table(by)
+    key = _combine([table.codes[k] for k in by], [len(table.levels[k]) for k in by])
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    groups = len(first)
+    if how == "sum":
+        with np.errstate(over="ignore"):  # a sum past the float range is +Inf, as in PromQL
+            value = np.bincount(inverse, weights=table.value, minlength=groups)
+    else:
+        value = np.full(groups, -np.inf)
+        np.maximum.at(value, inverse, table.value)
+    return Table({k: table.codes[k][first] for k in by}, {k: table.levels[k] for k in by},
+                 {k: table.dtypes[k] for k in by}, value)
+
+
+def triton_series(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> Table:
     """Per (model, version, pod): model-labelled series only, deduplicated across replicas."""
-    source = [sel.model, sel.version, sel.pod]
-    frame = _finite(_with_columns(frame, source))
-    frame = frame[frame[sel.model].astype(str) != ""]
-    if frame.empty:
-        return _empty([*keys, *MVP])
-    renamed = frame.rename(columns={sel.model: MODEL, sel.version: VERSION, sel.pod: POD})
-    # Replica columns are not grouping keys: max over them is the deduplication.
-    return _group(renamed, [*keys, *MVP], "max")
+    source = dict(zip(MVP, [sel.model, sel.version, sel.pod], strict=True))
+    table, usable = _source(frame, {**{k: k for k in keys}, **source}, fill=source.values())
+    # One extra False at the end, for code -1 (no model at all: dropped anyway).
+    has_model = np.append(table.levels[MODEL].astype(str) != "", False)
+    usable &= has_model[table.codes[MODEL]]
+    # Replica labels are not grouping keys: max over them is the deduplication.
+    return _group(table.take(usable), [*keys, *MVP], "max")
 
 
-def raw_total(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def raw_total(frame: pd.DataFrame, keys: list[str]) -> Table:
     """The sum over every series, duplicated or unlabelled: the naive fleet figure."""
-    return aggregate(_finite(frame), keys)
+    table, usable = _source(frame, {k: k for k in keys})
+    return aggregate(table.take(usable), keys)
+
+
+def _slice_table(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> Table:
+    source = {**{k: k for k in sel.slice_labels}, POD: sel.dcgm_pod}
+    table, usable = _source(frame, {**{k: k for k in keys}, **source}, fill=source.values())
+    return _group(table.take(usable), [*keys, *sel.slice_labels, POD], "max")
 
 
 def slice_series(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> pd.DataFrame:
     """Per MIG slice (+ workload pod): deduplicated across replicas."""
-    labels = [*keys, *sel.slice_labels, POD]
-    frame = _finite(_with_columns(frame, [*sel.slice_labels, sel.dcgm_pod]))
-    if sel.dcgm_pod != POD:
-        frame = frame.drop(columns=[POD], errors="ignore").rename(columns={sel.dcgm_pod: POD})
-    if frame.empty:
-        return _empty(labels)
-    return _group(frame, labels, "max")
+    return _slice_table(frame, sel, keys).frame([*keys, *sel.slice_labels, POD])
 
 
-def _group(frame: pd.DataFrame, by: list[str], how: str) -> pd.DataFrame:
-    return frame.groupby(by, as_index=False, sort=True).agg(**{VALUE: (VALUE, how)})
-
-
-def aggregate(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+def aggregate(table: Table, by: list[str]) -> Table:
     """sum by (by): an empty input stays empty (PromQL sum of nothing is absent)."""
-    if table.empty:
-        return _empty(by)
+    if not len(table):
+        return _empty_table(by)
     if not by:
-        return pd.DataFrame({VALUE: [float(table[VALUE].sum())]})
+        with np.errstate(over="ignore"):
+            return Table({}, {}, {}, np.array([float(table.value.sum())]))
     return _group(table, by, "sum")
 
 
-def ratio(num: pd.DataFrame, den: pd.DataFrame, by: list[str], scale: float = 1.0) -> pd.DataFrame:
-    """num / den / scale where both exist and den > 0 (absent otherwise)."""
-    if num.empty or den.empty:
-        return _empty(by)
-    den = den[den[VALUE] > 0]
-    if den.empty:
-        return _empty(by)
+def ratio(num: Table, den: Table, by: list[str], scale: float = 1.0) -> Table:
+    """num / den / scale where both exist and den > 0 (absent otherwise); rows in num's order.
+
+    Both are aggregates by ``by`` (one row per label tuple), as every caller passes.
+    """
+    if not len(num) or not len(den):
+        return _empty_table(by)
+    den = den.take(den.value > 0)
+    if not len(den):
+        return _empty_table(by)
     if by:
-        joined = num.merge(den, on=by, suffixes=("_num", "_den"), how="inner")
+        # den's codes renumbered into num's levels (-1: a value num lacks, never joined).
+        mapped = {k: _recode(den.levels[k], num.levels[k])[den.codes[k]] for k in by}
+        joinable = np.logical_and.reduce([c >= 0 for c in mapped.values()])
+        rows = len(num)
+        # One key space for both sides, so equal label tuples get equal keys.
+        keys = _combine([np.concatenate([num.codes[k], mapped[k][joinable]]) for k in by],
+                        [len(num.levels[k]) for k in by])
+        left, right = keys[:rows], keys[rows:]
+        if not len(right):
+            return _empty_table(by)
+        order = np.argsort(right)
+        matched = order[np.searchsorted(right, left, sorter=order).clip(max=len(right) - 1)]
+        found = right[matched] == left
+        num = num.take(found)
+        den_value = den.value[joinable][matched[found]]
     else:
-        joined = pd.DataFrame({"value_num": num[VALUE].to_numpy()[:1],
-                               "value_den": den[VALUE].to_numpy()[:1]})
-    if joined.empty:
-        return _empty(by)
-    out = joined[by].copy()
-    out[VALUE] = joined["value_num"] / joined["value_den"] / scale
+        num = num.take(np.arange(1))
+        den_value = den.value[:1]
+    with np.errstate(over="ignore", under="ignore"):  # overflow is +Inf, dropped below
+        out = num.with_value(num.value / den_value / scale)
     # A tiny denominator can still overflow to +Inf: never published.
-    return _finite(out).reset_index(drop=True)
+    return out.take(np.isfinite(out.value))
 
 
-def count_positive(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+def _recode(levels: np.ndarray, into: np.ndarray) -> np.ndarray:
+    """Each of ``levels``' positions in ``into`` (-1 where absent)."""
+    if levels is into or (len(levels) == len(into) and bool(np.all(levels == into))):
+        return np.arange(len(levels))  # the usual case: both from the same fleet
+    positions: np.ndarray = pd.Index(into).get_indexer(levels)
+    return positions
+
+
+def count_positive(table: Table, by: list[str]) -> Table:
     """sum by (by) (table > bool 0): how many rows per group had a positive figure."""
-    if table.empty:
-        return _empty(by)
-    flagged = table.assign(**{VALUE: (table[VALUE] > 0).astype(float)})
-    return aggregate(flagged, by)
+    if not len(table):
+        return _empty_table(by)
+    return aggregate(table.with_value((table.value > 0).astype(float)), by)
 
 
-def gpu_equivalents(slices: pd.DataFrame, sel: Selectors, keys: list[str]) -> pd.DataFrame:
+def gpu_equivalents(slices: Table, sel: Selectors, keys: list[str]) -> Table:
     """Sum of activity x (n/7) for an ``<n>g.*`` profile, x 1 for a whole GPU (no profile)."""
-    if slices.empty:
-        return _empty(keys)
-    profiles = (slices[sel.profile] if sel.profile in slices.columns
-                else pd.Series("", index=slices.index))
-    weights = profiles.astype(str).map(_profile_weight).astype(float)
-    known = weights.notna()
-    weighted = slices[known].assign(**{VALUE: slices[VALUE][known] * weights[known]})
-    return aggregate(weighted, keys)
+    if not len(slices):
+        return _empty_table(keys)
+    if sel.profile in slices.codes:
+        levels = slices.levels[sel.profile]
+        per_level = np.array([_profile_weight(str(p)) for p in levels], dtype=np.float64)
+        weights = per_level[slices.codes[sel.profile]]
+    else:
+        weights = np.ones(len(slices))
+    known = ~np.isnan(weights)
+    weighted = slices.take(known)
+    return aggregate(weighted.with_value(weighted.value * weights[known]), keys)
 
 
 def _profile_weight(profile: str) -> float:
@@ -149,12 +297,11 @@ def _profile_weight(profile: str) -> float:
     return int(match.group(1)) / catalog.MIG_SLICES_PER_GPU if match else math.nan
 
 
-def idle_count(slice_max: pd.DataFrame, threshold: float, keys: list[str]) -> pd.DataFrame:
+def idle_count(slice_max: Table, threshold: float, keys: list[str]) -> Table:
     """How many slices stayed under ``threshold`` for the window (0 when none; absent if none)."""
-    if slice_max.empty:
-        return _empty(keys)
-    flagged = slice_max.assign(**{VALUE: (slice_max[VALUE] < threshold).astype(float)})
-    return aggregate(flagged, keys)
+    if not len(slice_max):
+        return _empty_table(keys)
+    return aggregate(slice_max.with_value((slice_max.value < threshold).astype(float)), keys)
 
 
 class Inputs:
@@ -170,7 +317,7 @@ class Inputs:
         self._frames = frames
         self.sel = sel
         self.keys = list(keys)
-        self._cache: dict[tuple[str, str], pd.DataFrame] = {}
+        self._cache: dict[tuple[str, str], Table] = {}
 
     def by(self, labels: list[str] | tuple[str, ...] = ()) -> list[str]:
         return [*self.keys, *labels]
@@ -181,29 +328,32 @@ class Inputs:
             raise MissingInput(f"base query {name!r} did not answer")
         return frame
 
-    def _cached(self, kind: str, name: str, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    def _cached(self, kind: str, name: str, make: Callable[[], Table]) -> Table:
         key = (kind, name)
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
 
-    def triton(self, name: str) -> pd.DataFrame:
+    def triton(self, name: str) -> Table:
         return self._cached(
             "triton", name, lambda: triton_series(self.raw(name), self.sel, self.keys)
         )
 
-    def slices(self, name: str) -> pd.DataFrame:
+    def slices(self, name: str) -> Table:
         return self._cached(
-            "slices", name, lambda: slice_series(self.raw(name), self.sel, self.keys)
+            "slices", name, lambda: _slice_table(self.raw(name), self.sel, self.keys)
         )
 
-    def level(self, name: str, level: Level) -> pd.DataFrame:
+    def raw_total(self, name: str) -> Table:
+        return self._cached("raw", name, lambda: raw_total(self.raw(name), self.keys))
+
+    def level(self, name: str, level: Level) -> Table:
         by = self.by(catalog.LEVEL_LABELS[level])
         return self._cached(f"level:{level.value}", name,
                             lambda: aggregate(self.triton(name), by))
 
 
-Derivation = Callable[[Inputs], pd.DataFrame]
+Derivation = Callable[[Inputs], Table]
 
 
 def _rate(short: str, level: Level) -> Derivation:
@@ -215,15 +365,15 @@ def _per_request(short: str, level: Level, scale: float = 1.0) -> Derivation:
     return lambda i: ratio(i.level(short, level), i.level("success", level), i.by(labels), scale)
 
 
-def _servers_active(i: Inputs) -> pd.DataFrame:
+def _servers_active(i: Inputs) -> Table:
     return count_positive(i.triton("success"), i.by(MV))
 
 
-def _fleet_servers_active(i: Inputs) -> pd.DataFrame:
+def _fleet_servers_active(i: Inputs) -> Table:
     return count_positive(i.level("success", Level.POD), i.by())
 
 
-def _model_servers_sum(i: Inputs) -> pd.DataFrame:
+def _model_servers_sum(i: Inputs) -> Table:
     return aggregate(_servers_active(i), i.by())
 
 
@@ -237,9 +387,9 @@ def _derivations() -> dict[str, Derivation]:
     for short, metric in rate_metrics.items():
         for level in (Level.MODEL_VERSION_POD, Level.MODEL_VERSION, Level.POD, Level.FLEET):
             table[f"{level.value}:{metric}:rate"] = _rate(short, level)
-    table[":nv_inference_count:rate_raw"] = lambda i: raw_total(i.raw("count"), i.keys)
+    table[":nv_inference_count:rate_raw"] = lambda i: i.raw_total("count")
     table[":triton_inference_rate_drift:ratio"] = lambda i: ratio(
-        i.level("count", Level.FLEET), raw_total(i.raw("count"), i.keys), i.by()
+        i.level("count", Level.FLEET), i.raw_total("count"), i.by()
     )
     table["model_version:nv_inference_batch_size:mean"] = lambda i: ratio(
         i.level("count", Level.MODEL_VERSION), i.level("exec", Level.MODEL_VERSION), i.by(MV)
@@ -290,8 +440,7 @@ def derive_all(
     for series in catalog.SERIES:
         try:
             table = DERIVATIONS[series.name](inputs)
-            columns = [*keys, *series.labels(sel), VALUE]
-            out[series.name] = table[columns].reset_index(drop=True)
+            out[series.name] = table.frame([*keys, *series.labels(sel)])
         except MissingInput as error:
             out[series.name] = DeriveError(series.name, str(error))
         except Exception as error:  # one broken family must not take down the others

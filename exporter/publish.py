@@ -5,6 +5,12 @@ A scrape never waits for a cycle and never sees half of one: the worker builds a
 it. The exposition bytes (plain and gzip) of each family are rendered when the snapshot is built,
 so serving ``/metrics`` costs a concatenation, whatever the number of scrapes.
 
+The derived families are written straight from the table columns in the text format
+prometheus-client writes (label names sorted, values escaped and floats formatted as it does;
+``tests/test_publish.py`` compares the bytes), not through its metric objects: at 60k series
+those cost several times the formatting and would be kept alive with every snapshot. Only the
+bytes are kept; :class:`SnapshotCollector` parses them back when a registry asks.
+
 A family whose computation failed this cycle keeps its last good rendering until that is older
 than the staleness bound; then it is withdrawn, as every family is when the upstream is gone.
 """
@@ -18,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 import pandas as pd
 from prometheus_client import (
     CollectorRegistry,
@@ -28,7 +35,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from exporter import __version__, catalog
 from exporter.derive import VALUE, DeriveError
@@ -46,7 +55,6 @@ class RenderedFamily:
     """One derived family, built and rendered in the cycle that computed it."""
 
     name: str
-    metric: Metric
     body: bytes
     body_gzip: bytes
     series: int
@@ -69,34 +77,65 @@ class Snapshot:
     evaluated_at: float | None = None
 
 
-class _One:
-    """A registry stand-in holding one family, for generate_latest."""
-
-    def __init__(self, metric: Metric) -> None:
-        self._metric = metric
-
-    def collect(self) -> Iterable[Metric]:
-        return (self._metric,)
+def escape_label_value(value: str) -> str:
+    """A label value as prometheus-client writes it: backslash, newline, double quote escaped."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def build_family(series: catalog.Series, labels: tuple[str, ...], table: pd.DataFrame) -> Metric:
-    family = GaugeMetricFamily(series.name, f"{series.help} Unit: {series.unit}.", labels=labels)
-    columns = [table[label].astype(str).tolist() for label in labels]
-    values = table[VALUE].astype(float).tolist()
-    for i, value in enumerate(values):
-        family.add_metric([column[i] for column in columns], value)
-    return family
+def escape_help(text: str) -> str:
+    """HELP text as prometheus-client writes it: backslash and newline escaped."""
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def format_values(values: np.ndarray) -> list[str]:
+    """``floatToGoString`` of every value. ``repr`` is the same string below 1e6 in magnitude;
+    only the rest (Go's exponent form, +-Inf, NaN) goes through prometheus-client's function."""
+    floats = values.tolist()
+    texts = list(map(repr, floats))
+    for i in np.flatnonzero(~(np.abs(values) < 1e6)).tolist():  # NaN compares False: included
+        texts[i] = floatToGoString(floats[i])  # type: ignore[no-untyped-call]
+    return texts
+
+
+def _label_pairs(name: str, column: pd.Series) -> list[str]:
+    """``name="value"`` for each row (the value as ``astype(str)`` gives it), each distinct
+    value escaped once."""
+    values = column.tolist()
+    distinct = set(values)
+    if not all(type(value) is str for value in distinct):
+        values = column.astype(str).tolist()
+        distinct = set(values)
+    pairs = {value: f'{name}="{escape_label_value(value)}"' for value in distinct}
+    return [pairs[value] for value in values]
+
+
+def exposition(series: catalog.Series, labels: tuple[str, ...], table: pd.DataFrame) -> bytes:
+    """One derived family in the text format, byte for byte what prometheus-client's
+    ``generate_latest`` writes for a ``GaugeMetricFamily`` of the same rows.
+
+    Metric and label names are valid legacy names (the catalog's and the configuration's
+    checked ones), which prometheus-client writes unescaped.
+    """
+    name = series.name
+    head = (f"# HELP {name} {escape_help(f'{series.help} Unit: {series.unit}.')}\n"
+            f"# TYPE {name} gauge\n")
+    values = format_values(table[VALUE].to_numpy(dtype=np.float64))
+    # prometheus-client writes the labels of a sample sorted by name.
+    columns = [_label_pairs(label, table[label]) for label in sorted(set(labels))]
+    if columns:
+        rows = map(",".join, zip(*columns, strict=True))
+        lines = [f"{name}{{{row}}} {value}\n" for row, value in zip(rows, values, strict=True)]
+    else:
+        lines = [f"{name} {value}\n" for value in values]
+    return (head + "".join(lines)).encode("utf-8")
 
 
 def render_family(
     series: catalog.Series, labels: tuple[str, ...], table: pd.DataFrame, now: float
 ) -> RenderedFamily:
-    metric = build_family(series, labels, table)
-    body = generate_latest(_One(metric))
+    body = exposition(series, labels, table)
     # Separate gzip members concatenate into one valid gzip stream (RFC 1952 section 2.2).
-    return RenderedFamily(
-        series.name, metric, body, gzip.compress(body, 6, mtime=0), len(table), now
-    )
+    return RenderedFamily(series.name, body, gzip.compress(body, 6, mtime=0), len(table), now)
 
 
 class Publisher:
@@ -157,7 +196,10 @@ class Publisher:
 
 
 class SnapshotCollector(Collector):
-    """A prometheus-client collector over the publisher's current snapshot (no I/O)."""
+    """A prometheus-client collector over the publisher's current snapshot (no I/O).
+
+    The snapshot keeps bytes only; the metric objects are parsed back from them per collect.
+    """
 
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -168,7 +210,7 @@ class SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         publisher = self._publisher
         for family in publisher.fresh(publisher.snapshot, publisher.clock()):
-            yield family.metric
+            yield from text_string_to_metric_families(family.body.decode("utf-8"))
 
 
 class _StateCollector(Collector):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -255,3 +256,74 @@ def test_range_frames_keyed_by_timestamp_give_each_instants_tables() -> None:
             assert list(whole.columns) == ["timestamp", *table.columns]
             at = as_dict(whole[whole["timestamp"] == ts].drop(columns="timestamp"))
             assert at == pytest.approx(as_dict(table), rel=1e-12), (name, ts)
+
+
+# --- the numpy grouping against pandas' groupby and merge ------------------------------------
+
+
+def random_triton(seed: int, rows: int = 400) -> pd.DataFrame:
+    """Many repeated label tuples, some missing keys, empty models and non-finite values."""
+    rng = np.random.default_rng(seed)
+
+    def pick(values: list[object]) -> list[object]:
+        return [values[i] for i in rng.integers(0, len(values), rows)]
+
+    values = rng.random(rows) * 10.0 ** rng.integers(-3, 7, rows)
+    values[rng.random(rows) < 0.05] = math.nan
+    values[rng.random(rows) < 0.03] = math.inf
+    return pd.DataFrame({
+        "timestamp": pick([100.0, 160.0, 220.0, math.nan]),
+        "model": pick(["a", "b", "", "é", 'q"', "z", math.nan]),
+        "version": pick(["1", "2", "10"]),
+        "pod": pick([f"p{i}" for i in range(12)]),
+        "prometheus_replica": pick(["r0", "r1"]),
+        "value": values,
+    })
+
+
+def pandas_dedup(frame: pd.DataFrame) -> pd.DataFrame:
+    """The replica deduplication written with pandas: the reference for triton_series."""
+    keep = np.isfinite(frame["value"]) & (frame["model"].astype(str) != "")
+    deduplicated: pd.DataFrame = (
+        frame[keep].groupby(["timestamp", *derive.MVP], sort=True)["value"].max().reset_index())
+    return deduplicated
+
+
+def assert_same(got: pd.DataFrame, want: pd.DataFrame, rel: float = 0.0) -> None:
+    assert list(got.columns) == list(want.columns)
+    for column in got.columns[:-1]:
+        assert got[column].tolist() == want[column].tolist(), column  # same rows, same order
+    assert got["value"].to_numpy() == pytest.approx(want["value"].to_numpy(), rel=rel, abs=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("key_limit", [2**62, 7])  # 7: the combined key is renumbered often
+def test_grouping_gives_what_pandas_groupby_gives(
+        seed: int, key_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(derive, "_KEY_LIMIT", key_limit)
+    frame = random_triton(seed)
+    keys = ["timestamp"]
+    table = derive.triton_series(frame, SEL, keys)
+    reference = pandas_dedup(frame)
+    assert_same(table.frame([*keys, *derive.MVP]), reference)
+    for by in (["timestamp", "model", "version"], ["timestamp", "pod"], ["timestamp"]):
+        want = reference.groupby(by, sort=True)["value"].sum().reset_index()
+        assert_same(derive.aggregate(table, by).frame(by), want, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ratio_joins_as_a_pandas_inner_merge(seed: int) -> None:
+    by = ["timestamp", "model", "version"]
+    num = pandas_dedup(random_triton(seed)).groupby(by, sort=True)["value"].sum().reset_index()
+    den_frame = random_triton(seed + 100)
+    den_frame.loc[den_frame.index[::4], "value"] = 0.0  # 0/0 and x/0: absent
+    den = pandas_dedup(den_frame).groupby(by, sort=True)["value"].sum().reset_index()
+    joined = num.merge(den[den["value"] > 0], on=by, suffixes=("_num", "_den"), how="inner")
+    want = joined[by].assign(value=joined["value_num"] / joined["value_den"] / 1e6)
+    got = derive.ratio(
+        derive.aggregate(derive.triton_series(random_triton(seed), SEL, ["timestamp"]), by),
+        derive.aggregate(derive.triton_series(den_frame, SEL, ["timestamp"]), by),
+        by, 1e6,
+    )
+    assert len(want) > 10
+    assert_same(got.frame(by), want.reset_index(drop=True), rel=1e-12)

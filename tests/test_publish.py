@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import gzip
+import math
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
-from exporter import catalog, config
+from exporter import catalog, config, publish
 from exporter.catalog import Selectors
 from exporter.publish import Publisher, SelfMetrics, SnapshotCollector
 from exporter.upstream import QueryResult, UpstreamError
@@ -248,3 +252,87 @@ def test_queries_of_a_cycle_run_concurrently_up_to_the_bound() -> None:
     assert upstream.most_in_flight == 4
     # 14 queries of 0.1 s, 4 at a time: 4 rounds, not 14.
     assert elapsed < 0.1 * len(catalog.BASE_QUERIES) * 0.6
+
+
+# --- the exposition written from the columns, against prometheus-client's ---------------------
+
+AWKWARD = ['quo"te', "back\\slash", "new\nline", "ünïcødé 🚀", "", "ends with \\", '\\"',
+           "\\n (not a newline)", "tab\tand\rcarriage", "a,b=c{d}"]
+#: Integers, zeros, tiny and huge floats, and the 1e6 boundary where Go switches to exponents.
+VALUES = [0.0, -0.0, 1.0, 3.0, -7.0, 0.1, 1 / 3, 5e-324, 2.2e-308, 1e-7, 123456.789,
+          999999.9999999999, 1e6, 1234567.0, 1.5e16, 1e22, 12345678901234567890.0,
+          1.7976931348623157e308, -1e6, -2.5e20]
+
+
+def reference(series: catalog.Series, labels: tuple[str, ...], table: pd.DataFrame) -> bytes:
+    """What prometheus-client's own objects and generate_latest make of the same rows."""
+    family = GaugeMetricFamily(series.name, f"{series.help} Unit: {series.unit}.", labels=labels)
+    columns = [table[label].astype(str).tolist() for label in labels]
+    for i, value in enumerate(table["value"].astype(float).tolist()):
+        family.add_metric([column[i] for column in columns], value)
+
+    class One:
+        def collect(self) -> list[Metric]:
+            return [family]
+
+    return generate_latest(One())
+
+
+def awkward_series(help_text: str = "Help with \\ a backslash,\na newline and \"quotes\".") \
+        -> catalog.Series:
+    return catalog.Series("model_version:awkward:ratio", help_text, "ratio",
+                          catalog.Level.MODEL_VERSION, "vector(1)", ("count",))
+
+
+@pytest.mark.parametrize("labels", [(), ("model",), ("version", "model", "pod"),
+                                    ("instance", "device", "GPU_I_ID", "GPU_I_PROFILE", "pod")])
+def test_exposition_is_byte_for_byte_what_prometheus_client_writes(
+        labels: tuple[str, ...]) -> None:
+    rows = max(len(AWKWARD), len(VALUES))
+    table = pd.DataFrame({
+        **{label: [AWKWARD[(i + k) % len(AWKWARD)] for i in range(rows)]
+           for k, label in enumerate(labels)},
+        "value": [VALUES[i % len(VALUES)] for i in range(rows)],
+    })
+    if not labels:
+        table = table.iloc[:1]
+    series = awkward_series()
+    body = publish.exposition(series, labels, table)
+    assert body == reference(series, labels, table)
+    assert b"\\\\ a backslash,\\na newline" in body  # the HELP text was escaped, not dropped
+
+
+def test_exposition_of_integer_values_and_of_no_rows_matches_prometheus_client() -> None:
+    series = awkward_series("Plain help.")
+    ints = pd.DataFrame({"model": ["a", "b", "c"], "value": [0, 7, 10**7]})
+    assert ints["value"].dtype.kind == "i"
+    assert publish.exposition(series, ("model",), ints) == reference(series, ("model",), ints)
+    none = pd.DataFrame({"model": pd.Series([], dtype=object), "value": pd.Series([], dtype=float)})
+    assert publish.exposition(series, ("model",), none) == reference(series, ("model",), none)
+    # Label columns that do not hold strings are written as astype(str) gives them.
+    numbers = pd.DataFrame({"model": pd.Series([1, 2.5, "x"], dtype=object),
+                            "version": [3, 4, 5], "value": [1.0, 2.0, 3.0]})
+    assert publish.exposition(series, ("model", "version"), numbers) == reference(
+        series, ("model", "version"), numbers)
+
+
+def test_values_are_formatted_as_float_to_go_string() -> None:
+    values = np.array([*VALUES, math.inf, -math.inf, math.nan, 2.5e6, 1e15, 1e16])
+    expected = [floatToGoString(v) for v in values.tolist()]  # type: ignore[no-untyped-call]
+    assert publish.format_values(values) == expected
+
+
+def test_snapshot_keeps_bytes_only_and_the_collector_parses_them_back() -> None:
+    worker, upstream, publisher, _, _ = make()
+    frame = TRITON.assign(model=['quo"te\\', "b"])
+    for q in catalog.BASE_QUERIES:
+        if q.source is catalog.Source.TRITON:
+            upstream.frames[q.promql(SEL)] = frame
+    worker.run_cycle()
+    family = publisher.snapshot.families["model_version:nv_inference_count:rate"]
+    assert not hasattr(family, "metric")
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(publisher))
+    assert generate_latest(registry) == publisher.derived_body()
+    assert registry.get_sample_value(
+        "model_version:nv_inference_count:rate", {"model": 'quo"te\\', "version": "1"}) == 2.0
