@@ -66,17 +66,18 @@ rules: $(STAMP)
 generate: rules dashboard docs
 
 # Benchmarks against a backfilled Prometheus (benchmarks/README.md): S, M, L in about 3 min,
-# after the load run (50 scrapers, ~1 min) whose figures docs/benchmarks.md also shows.
+# after the load run (50 scrapers, ~1 min) whose figures docs/benchmarks.md also shows. The
+# exporter runs without pyarrow, as the image ships it (no extras; pandas would import it).
 bench: prometheus
 	$(PY) benchmarks/load.py --json benchmarks/results/load.json
-	$(PY) benchmarks/run.py --json benchmarks/results/latest.json --markdown docs/benchmarks.md --with-json benchmarks/results/xl.json
+	$(PY) benchmarks/run.py --no-pyarrow --json benchmarks/results/latest.json --markdown docs/benchmarks.md --with-json benchmarks/results/xl.json
 
 bench-quick: prometheus
-	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/run.py --no-pyarrow --quick
 
 # XL (1000 servers, 2000 slices): about 20 min and ~7 GB of temporary disk.
 bench-xl: prometheus
-	$(PY) benchmarks/run.py --sizes XL --repeat 3 --json benchmarks/results/xl.json
+	$(PY) benchmarks/run.py --no-pyarrow --sizes XL --repeat 3 --json benchmarks/results/xl.json
 	$(PY) benchmarks/run.py --render benchmarks/results/latest.json --with-json benchmarks/results/xl.json --markdown docs/benchmarks.md
 
 # 50 concurrent scrapers for 30 s against ~100k derived series while cycles run (docs/hardening.md).
