@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl load dashboard-png clean
+.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl bench-report load dashboard-png clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -79,6 +79,10 @@ bench-quick: prometheus
 bench-xl: prometheus
 	$(PY) benchmarks/run.py --no-pyarrow --sizes XL --repeat 3 --json benchmarks/results/xl.json
 	$(PY) benchmarks/run.py --render benchmarks/results/latest.json --with-json benchmarks/results/xl.json --markdown docs/benchmarks.md
+
+# The report over 24 h of fleet L vs the notebook's pattern (docs/report-benchmark.md), ~8 min.
+bench-report: prometheus
+	$(PY) benchmarks/report_range.py --json benchmarks/results/report.json --markdown docs/report-benchmark.md
 
 # 50 concurrent scrapers for 30 s against ~100k derived series while cycles run (docs/hardening.md).
 load: $(STAMP)

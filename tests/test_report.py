@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import requests
 
-from exporter import catalog, config, promserver, report, simulate
+from exporter import catalog, config, promserver, report, simulate, worker
 from exporter.catalog import BASE_QUERIES, PHASES, Selectors
 from exporter.config import Config
 from exporter.report import (
@@ -44,7 +44,7 @@ from exporter.report import (
     wide_table,
     write_report,
 )
-from exporter.upstream import QueryResult, UpstreamError, parse_matrix
+from exporter.upstream import PrometheusClient, QueryResult, UpstreamError, parse_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "report"
@@ -74,12 +74,31 @@ class FakePrometheus:
     ) -> None:
         sel = Selectors.from_config(cfg)
         self.names = {q.promql(sel): q.name for q in BASE_QUERIES}
+        #: The report's narrowed forms: answered per (model, version), as PromQL would.
+        self.narrowed = {promql: name for name, promql in report.report_queries(sel).items()
+                         if name in report.NARROW}
         self.data = data
         self.fail = fail
         self.calls: list[tuple[str, float, float, float]] = []
 
+    def samples(self, name: str, t: float, narrowed: bool) -> list[Sample]:
+        rows = self.data(name, t)
+        if not narrowed:
+            return rows
+        # max by (model, version, pod) over the replicas, then sum by (model, version).
+        highest: dict[tuple[str, str, str], float] = {}
+        for labels, value in rows:
+            key = (labels.get("model", ""), labels.get("version", ""), labels.get("pod", ""))
+            highest[key] = max(highest.get(key, -math.inf), value)
+        sums: dict[tuple[str, str], float] = {}
+        for (model, version, _), value in highest.items():
+            sums[(model, version)] = sums.get((model, version), 0.0) + value
+        return [({"model": m, "version": v}, value) for (m, v), value in sums.items()]
+
     def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
-        name = self.names[query]  # a KeyError here: the report sent a query not in the catalog
+        narrowed = query in self.narrowed
+        # A KeyError here: the report sent a query that is not in the catalog.
+        name = self.narrowed[query] if narrowed else self.names[query]
         self.calls.append((name, start, end, step))
         if self.fail is not None:
             error = self.fail(len(self.calls), name, start)
@@ -89,7 +108,7 @@ class FakePrometheus:
         start_ms, step_ms = round(start * 1000), round(step * 1000)
         for k in range(round((end - start) / step) + 1):
             t = (start_ms + k * step_ms) / 1000
-            for labels, value in self.data(name, t):
+            for labels, value in self.samples(name, t, narrowed):
                 key = tuple(sorted(labels.items()))
                 series.setdefault(key, []).append([t, repr(float(value))])
         payload = {"status": "success", "data": {"resultType": "matrix", "result": [
@@ -531,7 +550,7 @@ def test_a_failed_query_is_retried_with_backoff() -> None:
 
     fake = FakePrometheus(cfg, fleet_data(), fail)
     result = generate(fake, cfg, T0, T0 + 1800, 60, 900, retries=2, backoff=0.5,
-                      sleep=waits.append)
+                      sleep=waits.append, concurrency=1)
     assert waits == [0.5, 1.0]
     assert result.summary["report"]["retries"] == 2
     assert len(result.table) == 31 and result.table["rate"].notna().sum() == 31
@@ -548,7 +567,8 @@ def test_a_chunk_that_keeps_failing_is_named() -> None:
 
     fake = FakePrometheus(cfg, fleet_data(), fail)
     with pytest.raises(ReportFetchError) as caught:
-        generate(fake, cfg, T0, T0 + 2700, 60, 900, retries=2, backoff=0.1, sleep=waits.append)
+        generate(fake, cfg, T0, T0 + 2700, 60, 900, retries=2, backoff=0.1, sleep=waits.append,
+                 concurrency=1)
     message = str(caught.value)
     assert "chunk 2/3 (2023-03-30T22:16:00Z .. 2023-03-30T22:31:00Z)" in message
     assert "after 3 attempts" in message and f"base query {BASE_QUERIES[0].name}" in message
@@ -561,8 +581,119 @@ def test_a_refused_query_is_not_retried() -> None:
     fake = FakePrometheus(cfg, fleet_data(), lambda call, name, start: UpstreamError(
         "too_large", "answer exceeds max_response_bytes", query=name))
     with pytest.raises(ReportFetchError, match=r"after 1 attempt: .*shorter --chunk"):
-        generate(fake, cfg, T0, T0 + 600, 60, 900, retries=3, sleep=waits.append)
+        generate(fake, cfg, T0, T0 + 600, 60, 900, retries=3, sleep=waits.append, concurrency=1)
     assert waits == []
+
+
+# --- concurrency and the narrowed queries -------------------------------------------------------
+
+
+class GatedPrometheus(FakePrometheus):
+    """Holds its first ``parties`` queries at a barrier: they all must be in flight at once."""
+
+    def __init__(self, cfg: Config, parties: int) -> None:
+        super().__init__(cfg, fleet_data())
+        self.barrier = threading.Barrier(parties)
+        self.lock = threading.Lock()
+        self.started = self.in_flight = self.peak = 0
+
+    def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
+        with self.lock:
+            self.started += 1
+            first = self.started <= self.barrier.parties
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            if first:  # a report sending one query at a time breaks the barrier here
+                self.barrier.wait(timeout=20)
+            return super().range(query, start, end, step)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_queries_run_concurrently_within_the_bound_and_give_the_same_report() -> None:
+    cfg = make_config()
+    gated = GatedPrometheus(cfg, parties=3)
+    concurrent = run(gated, cfg, T0, T0 + 3600, concurrency=3)
+    assert gated.peak == 3  # three at once (the barrier), never more than the bound
+    sequential = FakePrometheus(cfg, fleet_data())
+    alone = run(sequential, cfg, T0, T0 + 3600, concurrency=1)
+    pd.testing.assert_frame_equal(concurrent.table, alone.table)
+    assert sorted(gated.calls) == sorted(sequential.calls)  # the same queries, each once
+    assert concurrent.summary["report"]["concurrency"] == 3
+    assert concurrent.summary["report"]["queries"] == len(sequential.calls)
+
+
+def test_a_failure_under_concurrency_stops_sending_and_names_the_query() -> None:
+    cfg = make_config()
+
+    def fail(call: int, name: str, start: float) -> UpstreamError | None:
+        if start >= T0 + 960 and name == "exec":
+            return UpstreamError("http_4xx", "HTTP 400: bad query", query=name)
+        return None
+
+    fake = FakePrometheus(cfg, fleet_data(), fail)
+    with pytest.raises(ReportFetchError) as caught:
+        run(fake, cfg, T0, T0 + 3600, concurrency=4)
+    assert caught.value.chunk == 2 and caught.value.query == "exec"
+    # Chunks 1 and 2 were sent (the second while the first was derived), chunk 3 at most in
+    # part and chunk 4 never: what was not yet sent when exec failed stays unsent.
+    spans = chunks(T0, T0 + 3600, 60, 900)
+    sent = {start for _, start, _, _ in fake.calls}
+    assert {spans[0][0], spans[1][0]} <= sent and spans[3][0] not in sent
+    assert len(fake.calls) < 3 * len(BASE_QUERIES)
+
+
+def test_table_built_per_chunk_equals_the_table_of_the_whole_range() -> None:
+    """generate pivots each chunk as it arrives (memory of a chunk, not of the range); the
+    concatenation must be the table wide_table builds from every derived row at once, also
+    for a model seen in the first chunks only."""
+    cfg = make_config()
+    data = fleet_data(present=lambda key, t: key[0] != "b" or t < T0 + 1200)
+    made = run(FakePrometheus(cfg, data), cfg, T0, T0 + 3600, concurrency=2)
+    sel = Selectors.from_config(cfg)
+    spans = chunks(T0, T0 + 3600, 60, 900)
+    held = report.collect(FakePrometheus(cfg, data), sel, spans, 60, keep=report.TABLE_SERIES)
+    whole = wide_table(held.derived, step_grid(T0, T0 + 3600, 60))
+    pd.testing.assert_frame_equal(made.table, whole)
+    assert made.table["rate_b/1"].notna().sum() == 20  # 22:00 .. 22:19
+    assert made.summary["slice_pods"] == report.slice_pods(held.derived)
+    with pytest.raises(ValueError, match="overlap"):
+        report.concat_tables([whole, whole])
+
+
+def test_narrowed_queries_deduplicate_per_pod_then_sum_per_model_version() -> None:
+    """The narrowed form keeps the catalog query (per model, version, pod and replica) inside:
+    replicas are deduplicated per pod, as derive does, before the pods are summed. A form that
+    summed per replica first would double nothing here but differ as soon as replicas hold
+    different pods (a replica that missed a scrape)."""
+    sel = Selectors.from_config(make_config())
+    queries = report.report_queries(sel)
+    full = report.report_queries(sel, narrow=False)
+    assert list(queries) == [q.name for q in BASE_QUERIES]
+    for query in BASE_QUERIES:
+        assert full[query.name] == query.promql(sel)
+        if query.name in report.NARROW:
+            assert queries[query.name] == (
+                f"sum by (model, version) (max by (model, version, pod) ({query.promql(sel)}))")
+        else:
+            assert queries[query.name] == query.promql(sel)
+    assert {"count", "success"}.isdisjoint(report.NARROW)
+    # Replica r1 lost p2's series: per pod the highest replica, whatever each replica holds.
+    cfg = make_config()
+    partial = {("a", "1", "p1"): 10.0, ("a", "1", "p2"): 20.0}
+
+    def data(name: str, t: float) -> list[Sample]:
+        full_replica = fleet_data(("r0",), partial)(name, t)
+        missing_p2 = fleet_data(("r1",), {("a", "1", "p1"): 10.0})(name, t)
+        return full_replica + missing_p2
+
+    narrowed = run(FakePrometheus(cfg, data), cfg, T0, T0 + 600, concurrency=1)
+    whole = run(FakePrometheus(cfg, data), cfg, T0, T0 + 600, concurrency=1, narrow=False)
+    pd.testing.assert_frame_equal(narrowed.table, whole.table)
+    assert narrowed.table["failures_a/1"].iloc[-1] == 0.0
+    assert narrowed.table["batch_size_a/1"].iloc[-1] == pytest.approx(4.0)
 
 
 # --- statistics on a hand-computed table ----------------------------------------------------------
@@ -844,9 +975,10 @@ def backfilled(
         server.stop()
 
 
-def config_file(root: Path, url: str) -> Path:
+def config_file(root: Path, url: str, concurrency: int = 4) -> Path:
     path = root / "report.yaml"
-    path.write_text(f"upstream: {{url: '{url}', retries: 0, timeout: 5s}}\n"
+    path.write_text(f"upstream: {{url: '{url}', retries: 0, timeout: 5s, "
+                    f"concurrency: {concurrency}}}\n"
                     f"evaluation: {{window: {WINDOW:g}s, scrape_interval: 15s}}\n")
     return path
 
@@ -1030,9 +1162,10 @@ def test_backfilled_upstream_failing_mid_range_names_the_chunk_and_keeps_the_old
     _, server, root = backfilled
     _, out, _ = made
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    # One query at a time: which request is the 18th is then fixed.
     with FailAfter(server.url, limit=len(BASE_QUERIES) + 3) as proxy:
         code = report.main_from_args(parse_args(
-            "--config.file", str(config_file(root, proxy.url)),
+            "--config.file", str(config_file(root, proxy.url, concurrency=1)),
             "--start", "2023-03-30T22:00:00Z", "--end", "2023-03-30T23:00:00Z",
             "--chunk", "15m", "--retries", "2", "--retry-backoff", "10ms",
             "--out", str(out), "--quiet"))
@@ -1055,3 +1188,233 @@ def test_backfilled_upstream_failing_mid_range_names_the_chunk_and_keeps_the_old
         assert not (root / "never").exists()
     finally:
         server.start()
+
+
+# --- integration: a history that changes mid-range (restart, new model, vanished slice) ----------
+
+SCRAPE = 15.0
+HALF = T0 + 1800  # the second segment starts here: another fleet layout
+RESTART = T0 + 750  # a Triton server restarts (on a scrape instant, mid-epoch)
+
+
+@pytest.fixture(scope="module")
+def changing(
+    prometheus_binaries: promserver.PrometheusBinaries, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[simulate.Fleet, simulate.Fleet, pd.DataFrame, str]]:
+    """1 h in two segments backfilled into one TSDB. Before ``HALF``: 3 servers x 2 models on two
+    hosts, the first server restarted at ``RESTART``. From ``HALF``: 2 of those servers on the
+    first host only, serving a third model. So one model appears only in the second half, the
+    second host's slices disappear, and every counter of the kept servers resets at ``HALF``."""
+    root = tmp_path_factory.mktemp("changing")
+    faults = simulate.Faults()
+    first = simulate.Fleet(simulate.FleetSpec(
+        servers=3, models=2, hosts=2, gpus_per_host=1, seed=7, churn=0.0, epoch_seconds=EPOCH,
+        start=T0), faults)
+    faults.restart(first.pods[0], at=RESTART)
+    second = simulate.Fleet(simulate.FleetSpec(
+        servers=2, models=3, hosts=1, gpus_per_host=1, seed=7, churn=0.0, epoch_seconds=EPOCH,
+        start=HALF))
+    for name, fleet, span in (("first", first, (T0, HALF - SCRAPE)),
+                              ("second", second, (HALF, T0 + 3600))):
+        history = root / f"{name}.om"
+        written = fleet.write_openmetrics(history, span[0], span[1], SCRAPE)
+        assert promserver.backfill(prometheus_binaries, history, root / "tsdb") == written
+    server = promserver.PrometheusServer(
+        prometheus_binaries, {"global": {"scrape_interval": "15s"}}, root / "tsdb")
+    try:
+        server.start()
+        code = report.main_from_args(parse_args(
+            "--config.file", str(config_file(root, server.url)), "--start", str(T0),
+            "--end", str(T0 + 3600), "--step", "60s", "--chunk", "20m",
+            "--out", str(root / "out"), "--quiet"))
+        assert code == 0
+        yield first, second, pd.read_parquet(root / "out" / "report.parquet"), server.url
+    finally:
+        server.stop()
+
+
+def slice_id(sl: simulate.MigSlice) -> str:
+    return f"{sl.instance}/nvidia{sl.gpu}/{sl.gi_id}/{sl.profile}"
+
+
+def triton_slices(fleet: simulate.Fleet) -> set[str]:
+    return {slice_id(sl) for sl in fleet.slices if sl.triton}
+
+
+def served(fleet: simulate.Fleet, t: float) -> set[str]:
+    return {f"{m}/{v}" for pod in fleet.pods for m, v in fleet.loaded_models(pod, t)}
+
+
+def assert_row(row: pd.Series, want: dict[str, float], t: float) -> None:
+    for column, value in want.items():
+        if math.isnan(value):
+            assert np.isnan(row[column]), (t, column, row[column])
+        else:
+            assert row[column] == pytest.approx(value, rel=1e-6, abs=1e-6), (t, column)
+
+
+RATE_KINDS = ("rate", "requests", "failures")
+
+
+@pytest.mark.integration
+def test_backfilled_counter_reset_gives_no_negative_rate_and_the_true_figures(
+    changing: tuple[simulate.Fleet, simulate.Fleet, pd.DataFrame, str],
+) -> None:
+    """A server restart inside the range. The notebook's delta() goes negative there (checked on
+    the same Prometheus); our rate() never does. The one step whose window holds the restart
+    misses only the gain between the last scrape before the restart and the restart (the
+    counter is 0 at the restart): that pod's share of the step is (W - SCRAPE) / W of its true
+    increase. Every other step of the first segment equals the simulator's truth exactly."""
+    first, _, table, url = changing
+    pod = first.pods[0]
+    at = RESTART + 30  # the only step whose window (t - 60 s, t] holds the restart
+    delta = requests.get(f"{url}/api/v1/query", timeout=10, params={
+        "query": f'sum(delta(nv_inference_count{{pod="{pod}"}}[60s]))', "time": at}).json()
+    assert float(delta["data"]["result"][0]["value"][1]) < 0  # the reset is in the data
+    rate_columns = [c for c in table.columns
+                    if c.split("_", 1)[0] in ("rate", "requests", "failures", "summed")
+                    and c not in ("summed_instances", "summed_tensor", "summed_dram")]
+    assert "rate" in rate_columns and "rate_pn_demo/1" in rate_columns
+    assert (table[rate_columns].fillna(0.0) >= 0).all().all()
+
+    models, slices = report.model_ids(table), report.slice_ids(table)
+    truth = first.truth(at, WINDOW)
+    missed = SCRAPE / WINDOW  # the last pre-restart scrape is SCRAPE before the restart
+    want = expected_row(first, at, models, slices)
+    lost: dict[str, float] = {}
+    for kind, family in zip(RATE_KINDS, ("nv_inference_count", "nv_inference_request_success",
+                                         "nv_inference_request_failure"), strict=True):
+        for key, value in truth[f"model_version_pod:{family}:rate"].items():
+            labels = dict(key)
+            if labels["pod"] == pod:
+                model = f"{labels['model']}/{labels['version']}"
+                want[f"{kind}_{model}"] -= missed * value
+                lost[kind] = lost.get(kind, 0.0) + missed * value
+    assert lost["rate"] > 0
+    for kind in RATE_KINDS:
+        want[kind] -= lost[kind]
+    want["rate_raw"] = want["rate"]
+    want["summed_rate"] = want["rate"]
+    # Ratios mix the restarted pod's partial increases with the others' whole ones: not checked.
+    checked = {c: v for c, v in want.items()
+               if c.split("_", 1)[0] in (*RATE_KINDS, "num", "summed", "concurrency", "drift",
+                                         "tensor", "dram", "gr", "gpu", "idle")}
+    row = table.loc[table["timestamp"] == at].iloc[0]
+    assert_row(row, checked, at)
+    # Every other step of the first segment (windows before the restart, or after it and so
+    # holding post-restart samples only): the truth, exactly.
+    segment = table.loc[(table["timestamp"] > T0) & (table["timestamp"] < HALF)]
+    compared = 0
+    for t in segment["timestamp"]:
+        if (t - T0) % EPOCH < WINDOW or t == at:
+            continue
+        assert_row(segment.loc[segment["timestamp"] == t].iloc[0],
+                   expected_row(first, t, models, slices), t)
+        compared += 1
+    assert compared == 23  # 22:01 .. 22:29, less 5 steps that straddle an epoch and 22:13
+
+
+@pytest.mark.integration
+def test_backfilled_model_of_the_second_half_is_absent_before_and_true_after(
+    changing: tuple[simulate.Fleet, simulate.Fleet, pd.DataFrame, str],
+) -> None:
+    first, second, table, _ = changing
+    new = served(second, HALF + 60) - served(first, T0 + 60)
+    assert len(new) == 1  # the fixture's premise: one model version only in the second half
+    model = new.pop()
+    assert model in report.model_ids(table)
+    steps = table["timestamp"]
+    before, after = table[steps <= HALF], table[steps >= HALF + WINDOW]
+    for c in MODEL_COLUMNS:
+        assert before[f"{c.name}_{model}"].isna().all(), c.name
+    # Present at every step once a window holds two of its samples (0 when idle, never NaN).
+    assert after[f"rate_{model}"].notna().all() and (after[f"rate_{model}"] > 0).any()
+    assert after[f"num_instances_{model}"].notna().all()
+    # Exact figures in the second half, every column of every model (the new one included).
+    models, slices = report.model_ids(table), report.slice_ids(table)
+    compared = 0
+    for t in after["timestamp"]:
+        if (t - T0) % EPOCH < WINDOW:
+            continue
+        assert_row(after.loc[after["timestamp"] == t].iloc[0],
+                   expected_row(second, t, models, slices), t)
+        compared += 1
+    assert compared == 24  # 30 steps from HALF + 60 s, less the 6 that straddle an epoch
+
+
+@pytest.mark.integration
+def test_backfilled_slice_that_disappears_keeps_its_history_and_is_absent_after(
+    changing: tuple[simulate.Fleet, simulate.Fleet, pd.DataFrame, str],
+) -> None:
+    first, second, table, _ = changing
+    gone = triton_slices(first) - triton_slices(second)
+    assert gone and triton_slices(second) - triton_slices(first)  # premise: some go, one comes
+    assert set(report.slice_ids(table)) == triton_slices(first) | triton_slices(second)
+    steps = table["timestamp"]
+    # The last sample of the first segment is at HALF - 15 s: windows from HALF + 60 s miss it.
+    before, after = table[steps < HALF], table[steps >= HALF + WINDOW]
+    for slice_ in gone:
+        for c in SLICE_COLUMNS:
+            assert before[f"{c.name}_{slice_}"].notna().all(), (c.name, slice_)
+            assert after[f"{c.name}_{slice_}"].isna().all(), (c.name, slice_)
+    # The fleet sums follow: in the second half they add up only the remaining slices.
+    models, slices = report.model_ids(table), report.slice_ids(table)
+    for t in (T0 + 600 + WINDOW * 2, HALF + 600 + WINDOW * 2):
+        fleet = first if t < HALF else second
+        want = expected_row(fleet, t, models, slices)
+        row = table.loc[steps == t].iloc[0]
+        assert_row(row, {k: v for k, v in want.items()
+                         if k.split("_", 1)[0] in ("summed", "tensor", "dram", "gr", "idle",
+                                                   "gpu")}, t)
+        present = [s for s in slices if not np.isnan(row[f"tensor_{s}"])]
+        assert sorted(present) == sorted(triton_slices(fleet))
+    assert table["summed_tensor"].notna().all()
+
+
+@pytest.mark.integration
+def test_backfilled_report_equals_the_exporter_once_at_and_the_full_grain(
+    backfilled: tuple[simulate.Fleet, promserver.PrometheusServer, Path],
+    made: tuple[simulate.Fleet, Path, pd.DataFrame],
+) -> None:
+    """A report value at a step is what ``once --at`` that step prints (the exporter's instant
+    queries, derived by the same code), also while the HA replica is stored (22:20 .. 22:40);
+    and asking for the narrowed queries per model version changes no figure. rel=1e-9: the
+    upstream adds the pods of a narrowed query in its own order."""
+    _, server, root = backfilled
+    _, _, table = made
+    cfg = config.load(config_file(root, server.url))
+    sel = Selectors.from_config(cfg)
+    steps = [T0 + 60 * k for k in (2, 7, 21, 30, 39, 47, 60)]
+    with PrometheusClient(cfg.upstream) as client:
+        full = generate(client, cfg, T0, T0 + 3600, 60, 900, narrow=False, concurrency=1)
+        checked = 0
+        for t in steps:
+            once = worker.compute(client, sel, t, 1)
+            assert not once.query_errors
+            row = table.loc[table["timestamp"] == t].iloc[0]
+            for column in FLEET_COLUMNS[1:]:
+                derived = once.derived.get(column.series)
+                if not isinstance(derived, pd.DataFrame):
+                    continue  # summed_rate: not a series
+                want = derived["value"].iloc[0] if len(derived) else math.nan
+                assert row[column.name] == pytest.approx(want, rel=1e-9, nan_ok=True), (
+                    t, column.name)
+                checked += 1
+            for column in (*MODEL_COLUMNS, *SLICE_COLUMNS):
+                derived = once.derived.get(column.series)
+                if not isinstance(derived, pd.DataFrame):
+                    continue  # the idle flag: report only
+                labels = [c for c in derived.columns if c not in ("value", "pod")]
+                for _, series in derived.iterrows():
+                    entity = "/".join(str(series[label]) for label in labels)
+                    assert row[f"{column.name}_{entity}"] == pytest.approx(
+                        series["value"], rel=1e-9), (t, column.name, entity)
+                    checked += 1
+            # Nothing the exporter lacks: every present model column is one once printed.
+            for model in report.model_ids(table):
+                name, version = model.split("/")
+                rates = once.derived["model_version:nv_inference_count:rate"]
+                present = ((rates["model"] == name) & (rates["version"] == version)).any()
+                assert present == (not np.isnan(row[f"num_instances_{model}"])), (t, model)
+    assert checked > 100 * len(steps) // 2
+    pd.testing.assert_frame_equal(table, full.table, rtol=1e-9)

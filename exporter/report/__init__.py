@@ -33,11 +33,13 @@ if TYPE_CHECKING:
     )
     from exporter.report.chunking import MAX_POINTS, chunks, step_grid
     from exporter.report.fetch import (
+        NARROW,
         Collected,
         RangeQuerier,
         ReportFetchError,
         collect,
         progress_bar,
+        report_queries,
     )
     from exporter.report.plots import PLOTS, write_plots
     from exporter.report.summary import (
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
         SLICE_IDLE,
         TABLE_SERIES,
         Column,
+        concat_tables,
         model_ids,
         slice_ids,
         slice_pods,
@@ -67,14 +70,15 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(("MAX_POINTS", "chunks", "step_grid"), "chunking"),
     **dict.fromkeys(
-        ("Collected", "RangeQuerier", "ReportFetchError", "collect", "progress_bar"), "fetch"
+        ("NARROW", "Collected", "RangeQuerier", "ReportFetchError", "collect", "progress_bar",
+         "report_queries"), "fetch"
     ),
     **dict.fromkeys(("PLOTS", "write_plots"), "plots"),
     **dict.fromkeys(("describe", "render_markdown", "summary_json", "summary_statistics"),
                     "summary"),
     **dict.fromkeys(
         ("FLEET_COLUMNS", "MODEL_COLUMNS", "SLICE_COLUMNS", "SLICE_IDLE", "TABLE_SERIES",
-         "Column", "model_ids", "slice_ids", "slice_pods", "wide_table"),
+         "Column", "concat_tables", "model_ids", "slice_ids", "slice_pods", "wide_table"),
         "table",
     ),
     **dict.fromkeys(("TimeError", "format_time", "parse_time"), "times"),
@@ -86,6 +90,7 @@ __all__ = [
     "FLEET_COLUMNS",
     "MAX_POINTS",
     "MODEL_COLUMNS",
+    "NARROW",
     "PLOTS",
     "REPORT_FILES",
     "SLICE_COLUMNS",
@@ -101,6 +106,7 @@ __all__ = [
     "add_arguments",
     "chunks",
     "collect",
+    "concat_tables",
     "describe",
     "format_time",
     "generate",
@@ -109,6 +115,7 @@ __all__ = [
     "parse_time",
     "progress_bar",
     "render_markdown",
+    "report_queries",
     "slice_ids",
     "slice_pods",
     "step_grid",

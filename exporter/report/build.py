@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,17 @@ from exporter.report.command import EXIT_UPSTREAM, EXIT_USAGE
 from exporter.report.fetch import Collected, RangeQuerier, collect, progress_bar
 from exporter.report.plots import PLOTS, write_plots
 from exporter.report.summary import render_markdown, summary_json, summary_statistics
-from exporter.report.table import TABLE_SERIES, slice_pods, wide_table
+from exporter.report.table import (
+    FLEET_COLUMNS,
+    MODEL_COLUMNS,
+    SLICE_COLUMNS,
+    TABLE_SERIES,
+    concat_tables,
+    model_ids,
+    slice_ids,
+    slice_pods,
+    wide_table,
+)
 from exporter.report.times import format_time
 
 __all__ = [
@@ -97,8 +107,14 @@ def generate(
     sleep: Callable[[float], None] = time.sleep,
     on_query: Callable[[int, str], None] | None = None,
     upstream: str | None = None,
+    concurrency: int | None = None,
+    narrow: bool = True,
 ) -> Report:
     """Query, derive and summarise ``[start, end]``: the report in memory (no files).
+
+    ``concurrency``: queries in flight at once (default ``upstream.concurrency`` of ``cfg``);
+    ``narrow``: ask for the queries the table reads per model version only at that grain
+    (see :func:`~exporter.report.fetch.report_queries`; off only to measure what it saves).
 
     Raises :class:`ReportError` (code 2) for a range without any aligned step and
     :class:`ReportFetchError` when a chunk fails after its retries.
@@ -114,15 +130,32 @@ def generate(
     warnings: list[str] = []
     if (message := window_warning(step, window)) is not None:
         warnings.append(message)
+    if concurrency is None:
+        concurrency = cfg.upstream.concurrency
     bar = progress_bar(len(spans) * len(BASE_QUERIES), quiet)
+    parts: list[pd.DataFrame] = []
+    seen_pods: dict[str, set[str]] = {}
+
+    def on_chunk(index: int, derived: Mapping[str, pd.DataFrame]) -> None:
+        # Pivot each chunk at once: the range then costs its table's floats, not the derived
+        # tables' rows (a week of them would not fit in a small container).
+        parts.append(wide_table(derived, step_grid(*spans[index], step)))
+        for slice_id, names in slice_pods(derived).items():
+            seen_pods.setdefault(slice_id, set()).update(names)
+
     try:
         collected = collect(querier, sel, spans, step, retries=retries, backoff=backoff,
-                            sleep=sleep, bar=bar, on_query=on_query, keep=TABLE_SERIES)
+                            sleep=sleep, bar=bar, on_query=on_query, keep=TABLE_SERIES,
+                            concurrency=concurrency, narrow=narrow, on_chunk=on_chunk,
+                            hold=False)
     finally:
         bar.close()
-    table = wide_table(collected.derived, steps)
+    table = concat_tables(parts)
+    if not np.array_equal(table["timestamp"].to_numpy(), steps):
+        raise ValueError("the chunks' steps are not the range's steps")  # a chunking bug
+    _blank(table, collected.errors)
     stats = summary_statistics(table)
-    pods = slice_pods(collected.derived)
+    pods = {slice_id: sorted(names) for slice_id, names in seen_pods.items()}
     for name, error in collected.errors.items():
         warnings.append(f"series {name} could not be derived and is absent: {error}")
     warnings += [f"upstream: {w}" for w in collected.warnings]
@@ -149,6 +182,7 @@ def generate(
             "chunk": format_duration(chunk),
             "chunks": len(spans),
             "queries": collected.queries,
+            "concurrency": concurrency,
             "retries": collected.retries,
             "upstream": upstream,
             "generated_at": format_time(round(time.time())),
@@ -162,6 +196,18 @@ def generate(
         "files": [],
     }
     return Report(table, summary, pods, collected)
+
+
+def _blank(table: pd.DataFrame, errors: Mapping[str, str]) -> None:
+    """A series that failed to derive in any chunk is absent from the whole report."""
+    for column in FLEET_COLUMNS:
+        if column.series in errors:
+            table[column.name] = np.nan
+    for families, ids in ((MODEL_COLUMNS, model_ids(table)), (SLICE_COLUMNS, slice_ids(table))):
+        for family in families:
+            if family.series in errors:
+                for entity in ids:
+                    table[f"{family.name}_{entity}"] = np.nan
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "SLICE_IDLE",
     "TABLE_SERIES",
     "Column",
+    "concat_tables",
     "model_ids",
     "slice_ids",
     "slice_pods",
@@ -251,6 +252,26 @@ def wide_table(
                 columns[f"{prefix}_{entity}"] = aligned[entity].to_numpy(dtype=np.float64)
     index = pd.DatetimeIndex(pd.to_datetime(index_ms, unit="ms", utc=True), name="time")
     return pd.DataFrame(columns, index=index)
+
+
+def concat_tables(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Wide tables of consecutive step ranges (e.g. one per chunk) as one, in schema order.
+
+    Each part has the models and slices of its own steps; the result has every one of them
+    (NaN in the parts without it), ordered as :func:`wide_table` orders them, so building the
+    table per chunk and concatenating equals building it over the whole range at once.
+    """
+    if not parts:
+        raise ValueError("no tables to concatenate")
+    models = sorted({m for part in parts for m in model_ids(part)}, key=_natural)
+    slices = sorted({s for part in parts for s in slice_ids(part)}, key=_natural)
+    order = [c.name for c in FLEET_COLUMNS]
+    order += [f"{c.name}_{m}" for c in MODEL_COLUMNS for m in models]
+    order += [f"{c.name}_{s}" for c in SLICE_COLUMNS for s in slices]
+    whole = pd.concat([part.reindex(columns=order) for part in parts])
+    if not whole.index.is_unique:
+        raise ValueError("the tables' steps overlap")
+    return whole
 
 
 def model_ids(table: pd.DataFrame) -> list[str]:
