@@ -17,10 +17,15 @@ fixed few milliseconds of pandas overhead each, which would bound the cycle at e
 size. Rows and their order are those of pandas' sorted ``groupby`` and inner ``merge``; sums
 are float64 sums in row order. DataFrames come in (the base frames) and go out (derive_all,
 slice_series).
+
+A live cycle does not wait for every answer: :func:`plan` says which input tables each series
+reads, :func:`prepare` computes a base query's tables from its frame alone as it arrives, and
+``derive_all(..., prepared=..., only=...)`` derives the series whose queries have all answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -304,6 +309,11 @@ def idle_count(slice_max: Table, threshold: float, keys: list[str]) -> Table:
     return aggregate(slice_max.with_value((slice_max.value < threshold).astype(float)), keys)
 
 
+#: One normalised input table: (kind, base query), e.g. ``("triton", "count")``,
+#: ``("level:model_version", "success")``, ``("slices", "tensor")``, ``("raw", "count")``.
+Need = tuple[str, str]
+
+
 class Inputs:
     """The base frames of one cycle, normalised on first use and cached.
 
@@ -312,12 +322,16 @@ class Inputs:
     """
 
     def __init__(
-        self, frames: Mapping[str, pd.DataFrame], sel: Selectors, keys: tuple[str, ...] = ()
+        self,
+        frames: Mapping[str, pd.DataFrame],
+        sel: Selectors,
+        keys: tuple[str, ...] = (),
+        prepared: Mapping[Need, Table] | None = None,
     ) -> None:
         self._frames = frames
         self.sel = sel
         self.keys = list(keys)
-        self._cache: dict[tuple[str, str], Table] = {}
+        self._cache: dict[Need, Table] = dict(prepared or {})
 
     def by(self, labels: list[str] | tuple[str, ...] = ()) -> list[str]:
         return [*self.keys, *labels]
@@ -351,6 +365,31 @@ class Inputs:
         by = self.by(catalog.LEVEL_LABELS[level])
         return self._cached(f"level:{level.value}", name,
                             lambda: aggregate(self.triton(name), by))
+
+    def need(self, need: Need) -> Table:
+        """The table a :data:`Need` names (``("level:pod", "success")``...)."""
+        kind, name = need
+        if kind.startswith("level:"):
+            return self.level(name, Level(kind.removeprefix("level:")))
+        readers: dict[str, Callable[[str], Table]] = {
+            "triton": self.triton, "slices": self.slices, "raw": self.raw_total,
+        }
+        return readers[kind](name)
+
+
+class _Recorder(Inputs):
+    """Inputs over empty frames that note every table a derivation asks for."""
+
+    def __init__(self, sel: Selectors) -> None:
+        super().__init__({}, sel)
+        self.asked: set[Need] = set()
+
+    def raw(self, name: str) -> pd.DataFrame:
+        return pd.DataFrame({VALUE: np.empty(0, dtype=np.float64)})
+
+    def _cached(self, kind: str, name: str, make: Callable[[], Table]) -> Table:
+        self.asked.add((kind, name))
+        return super()._cached(kind, name, make)
 
 
 Derivation = Callable[[Inputs], Table]
@@ -426,18 +465,93 @@ def _derivations() -> dict[str, Derivation]:
 DERIVATIONS: dict[str, Derivation] = _derivations()
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What each series reads: which input tables, hence which base queries.
+
+    Lets a cycle prepare a base query's tables as soon as its answer arrives, and derive a
+    series as soon as every base query it reads has answered, while other queries are still
+    in flight.
+    """
+
+    #: series name -> the input tables its derivation reads.
+    needs: Mapping[str, frozenset[Need]]
+
+    def tables_of(self, name: str) -> list[Need]:
+        """The input tables read from base query ``name``, in a stable order."""
+        return sorted({need for needs in self.needs.values() for need in needs
+                       if need[1] == name})
+
+    def queries_of(self, series: str) -> frozenset[str]:
+        """The base queries series ``series`` reads."""
+        return frozenset(name for _, name in self.needs[series])
+
+
+def plan(sel: Selectors) -> Plan:
+    """Every derivation run once over empty frames, noting the tables it reads.
+
+    Each derivation reads its inputs whatever their contents (they are its arguments), so
+    empty frames show them all. A table missed here would only be computed later, from the
+    frame, by :func:`derive_all`: slower, never different.
+    """
+    needs: dict[str, frozenset[Need]] = {}
+    for series in catalog.SERIES:
+        recorder = _Recorder(sel)
+        # What was asked before a failure is still noted.
+        with contextlib.suppress(Exception):
+            DERIVATIONS[series.name](recorder)
+        needs[series.name] = frozenset(recorder.asked)
+    return Plan(needs)
+
+
+def prepare(
+    name: str,
+    frame: pd.DataFrame,
+    sel: Selectors,
+    tables: Collection[Need],
+    keys: tuple[str, ...] = (),
+) -> dict[Need, Table]:
+    """The input ``tables`` of base query ``name`` computed from its frame alone (as its answer
+    arrives), for :func:`derive_all`'s ``prepared``.
+
+    A table that cannot be computed is left out: derive_all then computes it again and reports
+    the failure on each series that reads it, as without preparation.
+    """
+    inputs = Inputs({name: frame}, sel, keys)
+    out: dict[Need, Table] = {}
+    for need in tables:
+        if need[1] != name:
+            continue
+        try:
+            out[need] = inputs.need(need)
+        except Exception:  # reported by derive_all, per series
+            continue
+    return out
+
+
 def derive_all(
-    frames: Mapping[str, pd.DataFrame], sel: Selectors, keys: tuple[str, ...] = ()
+    frames: Mapping[str, pd.DataFrame],
+    sel: Selectors,
+    keys: tuple[str, ...] = (),
+    *,
+    prepared: Mapping[Need, Table] | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, pd.DataFrame | DeriveError]:
     """Every catalog series from this cycle's frames; a failing series does not stop the others.
 
     ``frames`` holds the base queries that answered; a series whose inputs are missing comes
     back as a :class:`DeriveError`. With ``keys`` (e.g. ``("timestamp",)`` for range frames)
     every table is computed per key value and carries the key columns first.
+
+    ``prepared``: input tables already computed from these frames (:func:`prepare`, same
+    ``keys``), used instead of computing them again. ``only``: derive just these series
+    (catalog order kept), e.g. those whose base queries have all answered.
     """
-    inputs = Inputs(frames, sel, keys)
+    inputs = Inputs(frames, sel, keys, prepared)
     out: dict[str, pd.DataFrame | DeriveError] = {}
     for series in catalog.SERIES:
+        if only is not None and series.name not in only:
+            continue
         try:
             table = DERIVATIONS[series.name](inputs)
             out[series.name] = table.frame([*keys, *series.labels(sel)])

@@ -21,7 +21,7 @@ import gzip
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -152,14 +152,26 @@ class Publisher:
         labels: Mapping[str, tuple[str, ...]],
         evaluated_at: float,
         good: bool,
+        rendered: Mapping[str, RenderedFamily] | None = None,
     ) -> Snapshot:
+        """Swap in the snapshot of this cycle's ``derived`` tables.
+
+        ``rendered``: families already rendered from those same tables (with their labels), as
+        the worker renders them while the cycle's other queries are in flight; only their
+        time is set here.
+        """
         now = self.clock()
         previous = self.snapshot
+        ahead = rendered or {}
         families: dict[str, RenderedFamily] = {}
         for series in catalog.SERIES:
             result = derived.get(series.name)
             if isinstance(result, pd.DataFrame):
-                families[series.name] = render_family(series, labels[series.name], result, now)
+                done = ahead.get(series.name)
+                families[series.name] = (
+                    replace(done, computed_at=now) if done is not None
+                    else render_family(series, labels[series.name], result, now)
+                )
             elif series.name in previous.families:
                 families[series.name] = previous.families[series.name]
         snapshot = Snapshot(

@@ -11,7 +11,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from exporter import catalog, derive
 from exporter.catalog import Selectors
 from exporter.config import Config
-from exporter.publish import Publisher, SelfMetrics, render_family
+from exporter.publish import Publisher, RenderedFamily, SelfMetrics, render_family
 from exporter.upstream import Querier, QueryResult, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class CycleReport:
     query_errors: dict[str, UpstreamError] = field(default_factory=dict)
     derived: dict[str, pd.DataFrame | derive.DeriveError] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: Families rendered from ``derived`` during the cycle (see :func:`compute`).
+    rendered: dict[str, RenderedFamily] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -59,13 +62,26 @@ class CycleReport:
         return {k: v for k, v in self.derived.items() if isinstance(v, pd.DataFrame)}
 
 
+def _query_pool(concurrency: int) -> Executor:
+    return ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="query")
+
+
 def query_base(
-    querier: Querier, sel: Selectors, at: float, report: CycleReport, concurrency: int = 1
+    querier: Querier,
+    sel: Selectors,
+    at: float,
+    report: CycleReport,
+    concurrency: int = 1,
+    on_answer: Callable[[str, pd.DataFrame], None] | None = None,
+    pool: Executor | None = None,
 ) -> None:
     """Run every base query at ``at``, up to ``concurrency`` at once.
 
     Failures are recorded per query, never raised. Once the upstream proves unreachable the
     queries not yet sent are failed with the same error instead of waiting out their retries.
+    ``on_answer(name, frame)`` runs in the calling thread as each answer arrives, while the
+    other queries are still in flight. ``pool``: an executor of ``concurrency`` threads kept
+    across cycles (none: one is started and stopped for this call).
     """
     unreachable: list[UpstreamError] = []
 
@@ -79,8 +95,17 @@ def query_base(
                 unreachable.append(error)
             return query.name, error
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="query") as pool:
-        results = list(pool.map(one, catalog.BASE_QUERIES))
+    with nullcontext(pool) if pool is not None else _query_pool(concurrency) as running:
+        futures = [running.submit(one, query) for query in catalog.BASE_QUERIES]
+        try:
+            if on_answer is not None:
+                for future in as_completed(futures):
+                    name, answer = future.result()
+                    if not isinstance(answer, UpstreamError):
+                        on_answer(name, answer.frame)
+        finally:
+            wait(futures)  # a shared pool: no query of this cycle left running
+        results = [future.result() for future in futures]
     for name, result in results:  # catalog order, whatever order the answers came in
         if isinstance(result, UpstreamError):
             report.query_errors[name] = result
@@ -131,14 +156,81 @@ def series_labels(sel: Selectors) -> dict[str, tuple[str, ...]]:
     return {s.name: s.labels(sel) for s in catalog.SERIES}
 
 
+class Assembly:
+    """One cycle's derivation, done as the answers arrive.
+
+    Each answer's input tables are prepared when it arrives, and each series is derived (and
+    rendered, given its labels) once every base query it reads has answered, while the others
+    are still in flight: after the last answer only what depends on it is left.
+    """
+
+    def __init__(
+        self,
+        sel: Selectors,
+        plan: derive.Plan,
+        labels: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self.sel = sel
+        self.plan = plan
+        self.labels = labels
+        self.frames: dict[str, pd.DataFrame] = {}
+        self.prepared: dict[derive.Need, derive.Table] = {}
+        self.derived: dict[str, pd.DataFrame | derive.DeriveError] = {}
+        #: Families rendered from ``derived``'s tables (``computed_at`` set at publishing).
+        self.rendered: dict[str, RenderedFamily] = {}
+        self._pending = [series.name for series in catalog.SERIES]
+
+    def answer(self, name: str, frame: pd.DataFrame) -> None:
+        self.frames[name] = frame
+        self.prepared.update(
+            derive.prepare(name, frame, self.sel, self.plan.tables_of(name))
+        )
+        answered = self.frames.keys()
+        ready = [s for s in self._pending if self.plan.queries_of(s) <= answered]
+        if ready:
+            self._derive(ready)
+
+    def finish(self) -> dict[str, pd.DataFrame | derive.DeriveError]:
+        """Every series, in catalog order: the rest derived now (missing inputs included)."""
+        if self._pending:
+            self._derive(list(self._pending))
+        return {series.name: self.derived[series.name] for series in catalog.SERIES}
+
+    def _derive(self, names: list[str]) -> None:
+        out = derive.derive_all(self.frames, self.sel, prepared=self.prepared, only=names)
+        self.derived.update(out)
+        self._pending = [name for name in self._pending if name not in out]
+        if self.labels is None:
+            return
+        for series in catalog.SERIES:
+            table = out.get(series.name)
+            if isinstance(table, pd.DataFrame):
+                self.rendered[series.name] = render_family(
+                    series, self.labels[series.name], table, 0.0
+                )
+
+
 def compute(
-    querier: Querier, sel: Selectors, at: float, concurrency: int = 1
+    querier: Querier,
+    sel: Selectors,
+    at: float,
+    concurrency: int = 1,
+    *,
+    plan: derive.Plan | None = None,
+    labels: Mapping[str, tuple[str, ...]] | None = None,
+    pool: Executor | None = None,
 ) -> CycleReport:
-    """One cycle's figures at instant ``at`` (no publishing): what ``once`` prints."""
+    """One cycle's figures at instant ``at`` (no publishing): what ``once`` prints.
+
+    With ``labels`` the derived families are also rendered (``report.rendered``) as they are
+    derived, for :meth:`Publisher.publish`.
+    """
     started = time.monotonic()
     report = CycleReport(evaluated_at=at)
-    query_base(querier, sel, at, report, concurrency)
-    report.derived = derive.derive_all(report.frames, sel)
+    assembly = Assembly(sel, plan or derive.plan(sel), labels)
+    query_base(querier, sel, at, report, concurrency, assembly.answer, pool)
+    report.derived = assembly.finish()
+    report.rendered = assembly.rendered
     report.seconds = time.monotonic() - started
     return report
 
@@ -157,6 +249,7 @@ class Worker:
         self.cfg = cfg
         self.sel = Selectors.from_config(cfg)
         self.labels = series_labels(self.sel)
+        self.plan = derive.plan(self.sel)
         self.querier = querier
         self.publisher = publisher
         self.metrics = metrics
@@ -165,13 +258,20 @@ class Worker:
         self._last_failure: str | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self._pool: Executor | None = None
 
     def run_cycle(self) -> CycleReport:
         ev = self.cfg.evaluation
         started = time.monotonic()
         at = evaluation_time(self.clock(), ev.eval_delay, ev.interval)
-        report = compute(self.querier, self.sel, at, self.cfg.upstream.concurrency)
-        self.publisher.publish(report.derived, self.labels, at, report.good)
+        if self._pool is None:
+            # Kept across cycles: starting and joining the threads each cycle costs about a
+            # millisecond before the first request and after the last answer.
+            self._pool = _query_pool(self.cfg.upstream.concurrency)
+        report = compute(self.querier, self.sel, at, self.cfg.upstream.concurrency,
+                         plan=self.plan, labels=self.labels, pool=self._pool)
+        self.publisher.publish(report.derived, self.labels, at, report.good,
+                               rendered=report.rendered)
         report.seconds = time.monotonic() - started
         self._account(report)
         return report
@@ -240,7 +340,12 @@ class Worker:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        return self._idle.wait(grace)
+        idle = self._idle.wait(grace)
+        if idle and self._pool is not None:
+            # A cycle still running keeps its pool: the caller leaves without it, or not.
+            self._pool.shutdown()
+            self._pool = None
+        return idle
 
 
 def exposition(report: CycleReport, labels: Mapping[str, tuple[str, ...]]) -> bytes:

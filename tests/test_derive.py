@@ -327,3 +327,92 @@ def test_ratio_joins_as_a_pandas_inner_merge(seed: int) -> None:
     )
     assert len(want) > 10
     assert_same(got.frame(by), want.reset_index(drop=True), rel=1e-12)
+
+
+# --- preparing inputs as answers arrive ----------------------------------------------------------
+
+#: Every base query answered: Triton ones with COUNT (a different frame for success, so a
+#: series reading the wrong one differs), DCGM ones with SLICES.
+SUCCESS = triton(("a", "1", "p1", "r0", 5.0), ("b", "1", "p1", "r0", 0.0),
+                 ("b", "2", "p2", "r0", 2.0))
+FULL = {q.name: (SLICES if q.source is catalog.Source.DCGM
+                 else SUCCESS if q.name == "success" else COUNT)
+        for q in catalog.BASE_QUERIES}
+
+
+def assert_same_tables(left: dict[str, pd.DataFrame | derive.DeriveError],
+                right: dict[str, pd.DataFrame | derive.DeriveError]) -> None:
+    assert list(left) == list(right)
+    for name, table in left.items():
+        other = right[name]
+        if isinstance(table, pd.DataFrame):
+            assert isinstance(other, pd.DataFrame), (name, other)
+            pd.testing.assert_frame_equal(table, other, check_exact=True)
+        else:
+            assert table == other, name
+
+
+def prepared_from(frames: dict[str, pd.DataFrame], plan: derive.Plan,
+                  keys: tuple[str, ...] = ()) -> dict[derive.Need, derive.Table]:
+    prepared: dict[derive.Need, derive.Table] = {}
+    for name, frame in frames.items():
+        prepared.update(derive.prepare(name, frame, SEL, plan.tables_of(name), keys))
+    return prepared
+
+
+def test_plan_names_the_base_queries_each_series_reads() -> None:
+    plan = derive.plan(SEL)
+    assert set(plan.needs) == {s.name for s in catalog.SERIES}
+    assert plan.queries_of(":triton_inference_rate_drift:ratio") == {"count"}
+    assert plan.queries_of("model_version:nv_cache_hit:ratio") == {"cache_hits", "success"}
+    assert plan.queries_of(":dcgm_mig_slices_idle:count") == {"tensor_max"}
+    assert ("raw", "count") in plan.tables_of("count")
+    assert ("level:pod", "success") in plan.tables_of("success")
+    for series in catalog.SERIES:
+        needed = plan.queries_of(series.name)
+        assert needed, series.name
+        # Its queries alone are enough; without any one of them the series cannot be derived.
+        enough = derive.derive_all({n: FULL[n] for n in needed}, SEL, only={series.name})
+        assert isinstance(enough[series.name], pd.DataFrame), (series.name, enough)
+        for name in needed:
+            short = derive.derive_all({n: FULL[n] for n in needed - {name}}, SEL,
+                                      only={series.name})
+            assert isinstance(short[series.name], derive.DeriveError), (series.name, name)
+
+
+def test_prepared_tables_stand_in_for_the_frames() -> None:
+    plan = derive.plan(SEL)
+    prepared = prepared_from(FULL, plan)
+    assert {name for _, name in prepared} == set(FULL)
+    expected = derive.derive_all(FULL, SEL)
+    assert_same_tables(derive.derive_all(FULL, SEL, prepared=prepared), expected)
+    # The plan covers every table read: no frame is needed once they are prepared.
+    assert_same_tables(derive.derive_all({}, SEL, prepared=prepared), expected)
+
+
+def test_prepared_range_tables_keep_their_keys() -> None:
+    plan = derive.plan(SEL)
+    ranged = {name: pd.concat([frame.assign(timestamp=ts) for ts in (100.0, 160.0)],
+                              ignore_index=True) for name, frame in FULL.items()}
+    keys = ("timestamp",)
+    prepared = prepared_from(ranged, plan, keys)
+    assert_same_tables(derive.derive_all({}, SEL, keys, prepared=prepared),
+                derive.derive_all(ranged, SEL, keys))
+
+
+def test_only_derives_the_named_series_in_catalog_order() -> None:
+    names = [":dcgm_mig_slices_idle:count", ":nv_inference_count:rate"]
+    out = derive.derive_all(FULL, SEL, only=names)
+    assert list(out) == [n for n in derive.DERIVATIONS if n in names]
+
+
+def test_a_table_that_cannot_be_prepared_is_left_to_derive_all_to_report() -> None:
+    plan = derive.plan(SEL)
+    broken = COUNT.assign(value=["x"] * len(COUNT))  # not a number: cannot be normalised
+    assert derive.prepare("count", broken, SEL, plan.tables_of("count")) == {}
+    frames = {**FULL, "count": broken}
+    prepared = prepared_from({n: f for n, f in frames.items() if n != "count"}, plan)
+    out = derive.derive_all(frames, SEL, prepared=prepared)
+    assert_same_tables(out, derive.derive_all(frames, SEL))
+    failed = out[":nv_inference_count:rate"]
+    assert isinstance(failed, derive.DeriveError) and "ValueError" in failed.message

@@ -336,3 +336,18 @@ def test_snapshot_keeps_bytes_only_and_the_collector_parses_them_back() -> None:
     assert generate_latest(registry) == publisher.derived_body()
     assert registry.get_sample_value(
         "model_version:nv_inference_count:rate", {"model": 'quo"te\\', "version": "1"}) == 2.0
+
+
+def test_families_rendered_during_the_cycle_are_published_with_the_cycle_time() -> None:
+    publisher = Publisher(CFG.evaluation.staleness_bound, Clock(500.0))
+    series = catalog.SERIES[0]
+    table = pd.DataFrame({label: ["x"] for label in series.labels(SEL)} | {"value": [1.0]})
+    ahead = publish.RenderedFamily(series.name, b"ahead\n", gzip.compress(b"ahead\n"), 1, 0.0)
+    labels = {s.name: s.labels(SEL) for s in catalog.SERIES}
+    other = catalog.SERIES[1]
+    snapshot = publisher.publish({series.name: table, other.name: table.head(0)}, labels, 1.0,
+                                 True, rendered={series.name: ahead})
+    assert snapshot.families[series.name].body == b"ahead\n"  # not rendered again
+    assert snapshot.families[series.name].computed_at == 500.0
+    assert snapshot.families[other.name] == publish.render_family(
+        other, labels[other.name], table.head(0), 500.0)

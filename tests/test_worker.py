@@ -1,0 +1,149 @@
+"""worker: the cycle derives and renders as the answers arrive, with the same result."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from exporter import catalog, config, derive, worker
+from exporter.catalog import Selectors
+from exporter.publish import Publisher, SelfMetrics, render_family
+from exporter.upstream import QueryResult, UpstreamError
+
+CFG = config.load(None, environ={})
+SEL = Selectors.from_config(CFG)
+LABELS = worker.series_labels(SEL)
+COUNT = pd.DataFrame(
+    [("a", "1", "p1", "r0", 2.0), ("a", "1", "p1", "r1", 3.0), ("b", "1", "p2", "r0", 1.0),
+     ("", "", "p2", "r0", 4.0)],
+    columns=["model", "version", "pod", "prometheus_replica", "value"])
+SUCCESS = pd.DataFrame(
+    [("a", "1", "p1", "r0", 1.0), ("b", "1", "p2", "r0", 0.0), ("b", "2", "p1", "r0", 0.5)],
+    columns=["model", "version", "pod", "prometheus_replica", "value"])
+SLICES = pd.DataFrame(
+    [("h1:9400", "nvidia0", "1", "3g.40gb", "p1", "r0", 0.5),
+     ("h1:9400", "nvidia0", "2", "1g.10gb", "", "r0", 0.0)],
+    columns=["instance", "device", "GPU_I_ID", "GPU_I_PROFILE", "exported_pod",
+             "prometheus_replica", "value"])
+FRAMES = {q.name: (SLICES if q.source is catalog.Source.DCGM
+                   else SUCCESS if q.name == "success" else COUNT)
+          for q in catalog.BASE_QUERIES}
+
+
+def same(left: pd.DataFrame | derive.DeriveError, right: pd.DataFrame | derive.DeriveError) -> bool:
+    if isinstance(left, pd.DataFrame) and isinstance(right, pd.DataFrame):
+        return left.equals(right) and list(left.columns) == list(right.columns)
+    return left == right
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_assembly_in_any_answer_order_gives_what_derive_all_gives(seed: int) -> None:
+    order = list(FRAMES)
+    random.Random(seed).shuffle(order)
+    assembly = worker.Assembly(SEL, derive.plan(SEL), LABELS)
+    for name in order:
+        assembly.answer(name, FRAMES[name])
+    derived = assembly.finish()
+    expected = derive.derive_all(FRAMES, SEL)
+    assert list(derived) == [s.name for s in catalog.SERIES]
+    for name, table in expected.items():
+        assert same(derived[name], table), name
+    for series in catalog.SERIES:
+        table = expected[series.name]
+        assert isinstance(table, pd.DataFrame)
+        want = render_family(series, LABELS[series.name], table, 0.0)
+        assert assembly.rendered[series.name] == want, series.name
+
+
+def test_a_series_is_derived_once_every_query_it_reads_has_answered() -> None:
+    assembly = worker.Assembly(SEL, derive.plan(SEL), LABELS)
+    assembly.answer("success", FRAMES["success"])
+    assert "model_version:triton_servers_active:count" in assembly.derived
+    assert "model_version:triton_servers_active:count" in assembly.rendered
+    assert "model_version:nv_cache_hit:ratio" not in assembly.derived
+    assembly.answer("cache_hits", FRAMES["cache_hits"])
+    assert "model_version:nv_cache_hit:ratio" in assembly.derived
+    assert "gpu_instance:dcgm_tensor_active:avg" not in assembly.derived
+
+
+def test_series_whose_queries_did_not_answer_fail_as_derive_all_fails_them() -> None:
+    answered = {name: frame for name, frame in FRAMES.items() if name not in {"exec", "dram"}}
+    assembly = worker.Assembly(SEL, derive.plan(SEL))
+    for name, frame in answered.items():
+        assembly.answer(name, frame)
+    derived = assembly.finish()
+    expected = derive.derive_all(answered, SEL)
+    for name, table in expected.items():
+        assert same(derived[name], table), name
+    assert isinstance(derived["model_version:nv_inference_batch_size:mean"], derive.DeriveError)
+    assert assembly.rendered == {}  # no labels: nothing rendered
+
+
+class Upstream:
+    """Answers each base query after a random delay, so the answers arrive out of order."""
+
+    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+        self.names = {q.promql(SEL): q.name for q in catalog.BASE_QUERIES}
+        self.failing = failing
+        self.rng = random.Random(1)
+        self.lock = threading.Lock()
+        self.threads: set[threading.Thread] = set()
+
+    def instant(self, query: str, at: float) -> QueryResult:
+        name = self.names[query]
+        with self.lock:
+            delay = self.rng.uniform(0, 0.01)
+            self.threads.add(threading.current_thread())
+        time.sleep(delay)
+        if name in self.failing:
+            raise UpstreamError("http_5xx", "HTTP 500: down", query=query)
+        return QueryResult(FRAMES[name], ())
+
+
+def test_query_base_hands_each_answer_over_in_the_calling_thread() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def on_answer(name: str, frame: pd.DataFrame) -> None:
+        assert frame is FRAMES[name]
+        seen.append((name, threading.current_thread().name))
+
+    report = worker.CycleReport(evaluated_at=0.0)
+    worker.query_base(Upstream(frozenset({"exec"})), SEL, 0.0, report, 4, on_answer)
+    assert sorted(name for name, _ in seen) == sorted(set(FRAMES) - {"exec"})
+    assert {thread for _, thread in seen} == {threading.current_thread().name}
+    assert list(report.frames) == [q.name for q in catalog.BASE_QUERIES if q.name != "exec"]
+    assert list(report.query_errors) == ["exec"]
+
+
+def test_cycles_publish_the_same_bytes_as_rendering_after_derive_all() -> None:
+    publisher = Publisher(CFG.evaluation.staleness_bound, lambda: 1000.0)
+    upstream = Upstream(frozenset({"dram"}))
+    cycle = worker.Worker(CFG, upstream, publisher, SelfMetrics(publisher), lambda: 2000.0)
+    report = cycle.run_cycle()
+    reference = Publisher(CFG.evaluation.staleness_bound, lambda: 1000.0)
+    reference.publish(derive.derive_all(report.frames, SEL), LABELS, 0.0, False)
+    assert publisher.derived_body() == reference.derived_body()
+    assert publisher.derived_body(gzipped=True) == reference.derived_body(gzipped=True)
+    assert set(publisher.snapshot.families) == set(reference.snapshot.families)
+    assert all(f.computed_at == 1000.0 for f in publisher.snapshot.families.values())
+
+
+def test_the_query_threads_are_kept_across_cycles_and_stopped_with_the_worker() -> None:
+    publisher = Publisher(CFG.evaluation.staleness_bound)
+    upstream = Upstream()
+    cycle = worker.Worker(CFG, upstream, publisher, SelfMetrics(publisher))
+    for _ in range(4):
+        cycle.run_cycle()
+    # A pool per cycle would have started new threads each cycle.
+    first = set(upstream.threads)
+    assert 1 <= len(first) <= CFG.upstream.concurrency
+    assert all(thread.is_alive() for thread in first)  # idle between cycles, not ended
+    assert cycle.stop()
+    for thread in first:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in first)
+    assert cycle.run_cycle().good  # a later cycle starts a new pool
