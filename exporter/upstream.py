@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self, cast
+from typing import Any, Final, Literal, Protocol, Self, cast, get_args
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
@@ -82,16 +82,7 @@ Reason = Literal[
     "over_budget",
 ]
 #: Every value ``UpstreamError.reason`` can take, for creating self-metric labels at start-up.
-REASONS: Final[tuple[Reason, ...]] = (
-    "connection",
-    "timeout",
-    "http_4xx",
-    "http_5xx",
-    "api_error",
-    "bad_response",
-    "too_large",
-    "over_budget",
-)
+REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 #: Every outcome passed to ``on_request``: ``ok`` or a reason.
 OUTCOMES: Final[tuple[str, ...]] = ("ok", *REASONS)
 

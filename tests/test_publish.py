@@ -245,13 +245,10 @@ def test_queries_of_a_cycle_run_concurrently_up_to_the_bound() -> None:
     publisher = Publisher(cfg.evaluation.staleness_bound)
     upstream = SlowUpstream(0.1, Selectors.from_config(cfg))
     worker = Worker(cfg, upstream, publisher, SelfMetrics(publisher))
-    started = time.monotonic()
     report = worker.run_cycle()
-    elapsed = time.monotonic() - started
     assert report.good and len(report.frames) == len(catalog.BASE_QUERIES)
+    # 14 queries of 0.1 s: 4 in flight at once, never more (the cycle's time is a benchmark's).
     assert upstream.most_in_flight == 4
-    # 14 queries of 0.1 s, 4 at a time: 4 rounds, not 14.
-    assert elapsed < 0.1 * len(catalog.BASE_QUERIES) * 0.6
 
 
 # --- the exposition written from the columns, against prometheus-client's ---------------------

@@ -13,7 +13,6 @@ import argparse
 import math
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import requests
 import yaml
 from conftest import Stack
-from prometheus_client.parser import text_string_to_metric_families
+from figures import Figures, exporter_figures, series_key
 
 from exporter import catalog, config, derive, promserver, rules, upstream
 from exporter.catalog import Selectors
@@ -488,7 +487,6 @@ def test_promtool_unit_tests_pass(prometheus_binaries: promserver.PrometheusBina
 # --------------------------------------------------------------------------------------------
 # Equivalence on a real Prometheus
 
-Figures = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 #: Both sides read the same samples at the same instant; what differs is only the order in which
 #: sums are added (Go's map order vs pandas' groupby) and x*3/7 vs x*(3/7): a few ulps (seen:
@@ -498,31 +496,13 @@ REL = 1e-12
 STORE_MARGIN = 0.03
 
 
-def _key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    # Prometheus drops empty labels; the exposition may print them as "".
-    return tuple(sorted((k, v) for k, v in labels.items() if v and k != "__name__"))
-
-
-def exporter_figures(config_file: Path, at: float) -> Figures:
-    done = subprocess.run(
-        [sys.executable, "-m", "exporter", "once", "--config.file", str(config_file),
-         "--at", f"{at:.3f}"],
-        capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out: Figures = {}
-    for family in text_string_to_metric_families(done.stdout):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[_key(sample.labels)] = sample.value
-    return out
-
-
 def recorded_figures(prom: promserver.PrometheusServer, at: float) -> Figures:
     """Every recorded sample stamped exactly ``at`` (the raw samples of a short range)."""
     out: Figures = {}
     for series in prom.query('{__name__=~".*:.*:.*"}[500ms]', at):
         for stamp, value in series["values"]:
             if round(float(stamp) * 1000) == round(at * 1000):
-                out.setdefault(series["metric"]["__name__"], {})[_key(series["metric"])] = (
+                out.setdefault(series["metric"]["__name__"], {})[series_key(series["metric"])] = (
                     float(value))
     return out
 

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from figures import Figures, exporter_figures, series_key
 
 from exporter import catalog, config, promserver, rules, simulate
 
@@ -167,7 +165,6 @@ INSTANTS = (
 #: The agreed bound; measured differences are a few ulps (see the module docstring).
 REL = 1e-6
 
-Figures = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
 @dataclass
@@ -215,30 +212,12 @@ def history(prometheus_binaries: promserver.PrometheusBinaries,
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    # Prometheus drops empty labels; the exposition may print them as "".
-    return tuple(sorted((k, v) for k, v in labels.items() if v and k != "__name__"))
-
-
-def exporter_figures(config_file: Path, at: float) -> Figures:
-    done = subprocess.run(
-        [sys.executable, "-m", "exporter", "once", "--config.file", str(config_file),
-         "--at", f"{at:.3f}"],
-        capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out: Figures = {}
-    for family in text_string_to_metric_families(done.stdout):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[_key(sample.labels)] = sample.value
-    return out
-
-
 def rule_figures(h: History, at: float) -> Figures:
     """Each rule's value at ``at``: its inlined expression, instant-queried."""
     out: Figures = {}
     for name, expr in h.inlined.items():
         for row in h.prom.query(expr, at):
-            key = _key(row["metric"])
+            key = series_key(row["metric"])
             assert key not in out.get(name, {}), (name, key)
             out.setdefault(name, {})[key] = float(row["value"][1])
     return out
@@ -304,8 +283,8 @@ def test_inlined_label_filters_select_what_the_matchers_select(h: History) -> No
     at = T0 + 1500
     nonempty = 0
     for i, m in enumerate(matchers):
-        want = {_key(r["metric"]): r["value"][1] for r in h.prom.query(f"{raw}{{{m}}}", at)}
-        got = {_key(r["metric"]): r["value"][1]
+        want = {series_key(r["metric"]): r["value"][1] for r in h.prom.query(f"{raw}{{{m}}}", at)}
+        got = {series_key(r["metric"]): r["value"][1]
                for r in h.prom.query(inlined[f"filtered_{i}"], at)}
         assert got == want, m
         nonempty += bool(want)
