@@ -7,15 +7,18 @@ the next one is written. A Prometheus on 127.0.0.1 serves it. Then, in one run:
 
 * our report over the whole range, in a child process (its own peak RSS), once per variant:
   ``before`` (one query at a time, every base query at full grain), ``narrow`` (one at a time,
-  the narrowed queries) and ``after`` (the exporter's default ``upstream.concurrency``, the
-  narrowed queries). Per variant: wall time (fetch + derive + table + statistics, and the files
-  separately), peak RSS, queries, bytes received, and Prometheus's own time for them
-  (``prometheus_http_request_duration_seconds`` of ``/api/v1/query_range``, read from its
-  /metrics before and after);
+  the narrowed queries, deduplicated by the upstream), ``fast`` (one at a time, the narrowed
+  queries with their fast forms first) and ``after`` (the exporter's default
+  ``upstream.concurrency``, as ``fast``). Per variant: wall time (fetch + derive + table +
+  statistics, and the files separately), peak RSS, queries, bytes received, and Prometheus's
+  own time for them (``prometheus_http_request_duration_seconds`` of ``/api/v1/query_range``,
+  read from its /metrics before and after);
 * the seed notebook's pattern (``benchmarks/bench_notebook.py``'s queries as range queries per
   chunk: its 20 base queries, then 2 per model version and 2 per slice, one at a time, each
   answer JSON-decoded only) over 1 h, then 4x longer ranges while a pass stays under
   ``--notebook-budget`` seconds and the range fits the history;
+* a per-query profile (``stats=all``): every form of each of the report's base queries and
+  every query of the notebook's pattern over the whole range, one at a time;
 
 and prints the comparison per hour of range. Every process and temporary folder it starts is
 removed when it ends, on Ctrl-C and SIGTERM too.
@@ -60,12 +63,15 @@ ROOT = HERE.parent
 TARGET_UPSTREAM_RATIO = 1.2
 TARGET_RSS_MB = 1024.0
 TARGET_SPEEDUP = 5.0
-#: (name, concurrency (None: the exporter's default), narrow)
-VARIANTS: tuple[tuple[str, int | None, bool], ...] = (
-    ("before", 1, False),
-    ("narrow", 1, True),
-    ("after", None, True),
+#: (name, concurrency (None: the exporter's default), narrow, fast)
+VARIANTS: tuple[tuple[str, int | None, bool, bool], ...] = (
+    ("before", 1, False, False),
+    ("narrow", 1, True, False),
+    ("fast", 1, True, True),
+    ("after", None, True, True),
 )
+#: The variant sending `after`'s queries one at a time: the upstream's own time for them.
+ALONE = "fast"
 
 
 def log(text: str) -> None:
@@ -225,7 +231,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         client.session.hooks["response"].append(count)
         made = report.generate(client, cfg, spec["start"], spec["end"], spec["step"],
                                spec["chunk"], retries=0, upstream=client.url,
-                               narrow=spec["narrow"])
+                               narrow=spec["narrow"], fast=spec["fast"])
         fetched = time.perf_counter() - started
         files_started = time.perf_counter()
         files = report.write_report(made, Path(spec["out"]))
@@ -360,6 +366,95 @@ def measure_notebook(prom_url: str, start: float, end: float, step: float, chunk
     return passes
 
 
+# --- per query: what the upstream evaluates -------------------------------------------------------
+
+_FAMILY = re.compile(r"\b(nv_[a-z_]+|DCGM_[A-Z_]+)\b")
+
+
+def stats_range(session: requests.Session, url: str, promql: str, start: float, end: float,
+                step: float) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """One range query with ``stats=all``: the engine's evaluation seconds, the samples it
+    loaded, the answer's JSON bytes and series, the request's seconds; and the series' labels."""
+    began = time.perf_counter()
+    answer = session.get(f"{url}/api/v1/query_range", timeout=600, params={
+        "query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}",
+        "stats": "all"})
+    body = answer.json()
+    seconds = time.perf_counter() - began
+    if body.get("status") != "success":
+        raise RuntimeError(f"query failed: {body.get('error')}: {promql}")
+    stats = body["data"]["stats"]
+    result = body["data"]["result"]
+    return {"queries": 1, "seconds": seconds, "eval_s": stats["timings"]["evalTotalTime"],
+            "samples": stats["samples"]["totalQueryableSamples"],
+            "bytes": len(answer.content), "series": len(result)}, [r["metric"] for r in result]
+
+
+def _add(into: dict[str, float], figures: dict[str, float]) -> None:
+    for key, value in figures.items():
+        into[key] = into.get(key, 0) + value
+
+
+def profile(url: str, start: float, end: float, step: float, chunk: float,
+            window: str) -> dict[str, Any]:
+    """Each form of each of the report's base queries, and each query of the notebook's
+    pattern, over the whole range with ``stats=all``, one at a time: where the upstream's time
+    goes. Nothing else runs meanwhile."""
+    from exporter import config, report
+    from exporter.catalog import BASE_QUERIES, Selectors
+
+    cfg = config.from_mapping({"evaluation": {"window": window}}, environ={})
+    sel = Selectors.from_config(cfg)
+    forms = {"catalog": report.report_queries(sel, narrow=False),
+             "deduplicated": {name: promql for name, promql in report.report_queries(sel).items()
+                              if name in report.NARROW},
+             "fast": report.fast_queries(sel)}
+    spans = report.chunks(start, end, step, chunk)
+    session = requests.Session()
+    ours: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for query in BASE_QUERIES:
+            for form, promqls in forms.items():
+                if query.name not in promqls:
+                    continue
+                figures: dict[str, float] = {}
+                for first, last in spans:
+                    _add(figures, stats_range(session, url, promqls[query.name], first, last,
+                                              step)[0])
+                ours.setdefault(query.name, {})[form] = figures
+        # The notebook's pattern as notebook_range sends it (its tuples, its queries).
+        tuples: list[tuple[float, float]] = []
+        at = start
+        while at <= end:
+            tuples.append((at, min(at + chunk, end)))
+            at = tuples[-1][1] + step
+        theirs: dict[str, dict[str, Any]] = {}
+        seen: dict[str, list[dict[str, str]]] = {}
+
+        def ask(group: str, promql: str) -> None:
+            entry = theirs.setdefault(group, {"families": sorted(set(_FAMILY.findall(promql)))})
+            for first, last in tuples:
+                figures, labels = stats_range(session, url, promql, first, last, step)
+                _add(entry, figures)
+                seen.setdefault(group, []).extend(labels)
+
+        for name, promql in bench_notebook.base_queries(window).items():
+            ask(name, promql)
+        pairs = sorted({(m["model"], m["version"]) for m in seen.get("inf_rate", [])
+                        if "model" in m and "version" in m})
+        slices = sorted({(m["device"], m["GPU_I_ID"], m["instance"])
+                         for m in seen.get("gpu_tensor_util", []) if "GPU_I_ID" in m})
+        for name, promql in bench_notebook.model_queries(pairs, window).items():
+            ask(f"{name.split('_', 2)[0]}_{name.split('_', 2)[1]}_<model>", promql)
+        for name, promql in bench_notebook.slice_queries(slices, window).items():
+            ask(f"{name.rsplit('_', 1)[0]}_<slice>", promql)
+    finally:
+        session.close()
+    families = {q.name: q.metric for q in BASE_QUERIES}
+    return {"report": ours, "notebook": theirs, "families": families,
+            "pairs": len(pairs), "slices": len(slices)}
+
+
 # --- facts, summary, rendering --------------------------------------------------------------------
 
 
@@ -393,9 +488,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         # Prometheus's time for a variant's queries when sent one at a time: under concurrency
         # each request also waits for the CPU the others use, and their sum grows with it.
         "upstream_ratio": {
-            "before": reports["before"]["wall_s"] / reports["before"]["upstream"]["seconds"],
-            "narrow": reports["narrow"]["wall_s"] / reports["narrow"]["upstream"]["seconds"],
-            "after": after["wall_s"] / reports["narrow"]["upstream"]["seconds"],
+            name: r["wall_s"] / reports[ALONE if name == "after" else name]["upstream"]["seconds"]
+            for name, r in reports.items()
         },
         "rss_peak_mb": {name: r["rss_peak_mb"] for name, r in reports.items()},
         "before_over_after": reports["before"]["wall_s"] / after["wall_s"],
@@ -490,7 +584,7 @@ def render(payload: dict[str, Any]) -> list[str]:
         "Targets, `after` (this run's ratios):",
         "",
         f"- wall time / the upstream's own time for the queries issued (the same queries, "
-        f"sent one at a time: `narrow`'s upstream s): {verdict('upstream_ratio', '.2f')}; "
+        f"sent one at a time: `{ALONE}`'s upstream s): {verdict('upstream_ratio', '.2f')}; "
         f"target <= {TARGET_UPSTREAM_RATIO}",
         f"- peak RSS: {verdict('rss_peak_mb', '.0f', ' MiB')}; target < {TARGET_RSS_MB:.0f} MiB",
         f"- per hour of range, the notebook's pattern ({summary.get('notebook_hours', 0):.4g} h, "
@@ -498,6 +592,113 @@ def render(payload: dict[str, Any]) -> list[str]:
         f"{TARGET_SPEEDUP:g}x",
         f"- before / after (same run): {summary['before_over_after']:.2f}x the wall time, "
         f"{summary['bytes_before_over_after']:.2f}x the JSON bytes",
+    ]
+    return out
+
+
+#: The report's base queries for figures the notebook's pattern lacks.
+NOTEBOOK_LACKS = {"failure": "failures", "exec": "batch size",
+                  "gr_engine": "graphics-engine activity", "tensor_max": "idle slices"}
+#: Forms of a base query, in the order the report prefers them.
+_FORMS = ("fast", "deduplicated", "catalog")
+
+
+def sent_form(forms: dict[str, Any]) -> str:
+    """The form ``fast``/``after`` send first for a base query."""
+    return next(form for form in _FORMS if form in forms)
+
+
+def bounds(result: dict[str, Any]) -> list[str]:
+    """The "What bounds it" section: the per-query profile as tables and its totals."""
+    prof = result.get("profile")
+    if not prof:
+        return ["(no per-query profile in this run)"]
+    ours, theirs = prof["report"], prof["notebook"]
+
+    def cell(figures: dict[str, float] | None) -> str:
+        if figures is None:
+            return ""
+        return f"{figures['eval_s']:.2f} / {_mb(figures['bytes'])}"
+
+    rows = []
+    sent: dict[str, float] = {}
+    for name, forms in ours.items():
+        form = sent_form(forms)
+        _add(sent, forms[form])
+        rows.append([f"`{name}`", f"`{prof['families'][name]}`",
+                     *(cell(forms.get(f)) for f in ("catalog", "deduplicated", "fast")),
+                     form, f"{forms[form]['samples'] / 1e6:.1f}",
+                     str(int(forms[form]["series"] / forms[form]["queries"]))])
+    catalog_total: dict[str, float] = {}
+    for forms in ours.values():
+        _add(catalog_total, forms["catalog"])
+    rows.append(["all 14", "", cell(catalog_total), "", "", "as sent: " + cell(sent),
+                 f"{sent['samples'] / 1e6:.1f}", ""])
+    out = [
+        f"Each base query over the whole range ({result['range_hours']:.4g} h, chunks of "
+        f"{result['chunk']}), one at a time with `stats=all`: the engine's evaluation seconds "
+        "(`evalTotalTime`) / the answer's JSON MB, per form: `catalog` (per model, version, pod "
+        "and replica), `deduplicated` (`sum by (model, version) (max by (model, version, pod) "
+        "(catalog))`), `fast` (`sum by (model, version, <replica labels>) (rate(...))`, exact "
+        "when the answer holds one replica label set). `samples M`: samples the engine loaded "
+        "(`totalQueryableSamples`) for the form sent; `series`: per query of that form.",
+        "",
+        *table(["base query", "family", "catalog eval s / MB", "deduplicated", "fast",
+                "sent", "samples M", "series"], rows),
+        "",
+        "The notebook's pattern over the same range, each query over its tuples (`<model>`: "
+        f"one query per model version, {prof['pairs']}; `<slice>`: one per slice, "
+        f"{prof['slices']}):",
+        "",
+    ]
+    rows = []
+    nb_total: dict[str, float] = {}
+    reads: dict[str, int] = {}
+    for group, entry in sorted(theirs.items(), key=lambda item: -item[1]["eval_s"]):
+        figures = {k: v for k, v in entry.items() if k != "families"}
+        _add(nb_total, figures)
+        for family in entry["families"]:
+            reads[family] = reads.get(family, 0) + int(entry["queries"])
+        rows.append([f"`{group}`", str(int(entry["queries"])),
+                     ", ".join(f"`{f}`" for f in entry["families"]),
+                     f"{entry['eval_s']:.2f}", f"{entry['samples'] / 1e6:.1f}",
+                     _mb(entry["bytes"])])
+    rows.append(["all", str(int(nb_total["queries"])), "", f"{nb_total['eval_s']:.2f}",
+                 f"{nb_total['samples'] / 1e6:.1f}", _mb(nb_total["bytes"])])
+    out += table(["query", "queries", "families read", "eval s", "samples M", "JSON MB"], rows)
+    like: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    for name, forms in ours.items():
+        _add(extra if name in NOTEBOOK_LACKS else like, forms[sent_form(forms)])
+    dedup_saved = sum(forms["deduplicated"]["eval_s"] - forms["fast"]["eval_s"]
+                      for forms in ours.values() if "fast" in forms and "deduplicated" in forms)
+    out += [
+        "",
+        f"- Evaluation, all queries one at a time: the report's 14 as sent "
+        f"{sent['eval_s']:.2f} s ({sent['samples'] / 1e6:.0f} M samples, "
+        f"{_mb(sent['bytes'])} MB of JSON), at full grain {catalog_total['eval_s']:.2f} s; the "
+        f"notebook's {int(nb_total['queries'])} queries {nb_total['eval_s']:.2f} s "
+        f"({nb_total['samples'] / 1e6:.0f} M samples, {_mb(nb_total['bytes'])} MB), "
+        f"{nb_total['eval_s'] / sent['eval_s']:.1f}x ours.",
+        "- Like for like: the notebook's pattern sends, per family it reads, "
+        + ", ".join(f"`{f}` {n}" for f, n in sorted(reads.items(), key=lambda x: -x[1]))
+        + " queries over the range (some for one model version or one slice) for a fleet "
+        "rate, requests, five latencies and servers active, per model version a rate and "
+        "servers active, per pod and per (model, version, pod) rates and latencies, and per "
+        f"slice tensor and DRAM activity for the "
+        f"{prof['slices']} slices its DCGM filter matches. The report reads each of those "
+        f"families once ({len(ours) - len(NOTEBOOK_LACKS)} queries): {like['eval_s']:.2f} s of "
+        f"evaluation ({nb_total['eval_s'] / like['eval_s']:.1f}x less than the notebook) for "
+        "those figures deduplicated, per model version and per slice; its other "
+        f"{len(NOTEBOOK_LACKS)} queries ("
+        + ", ".join(f"`{n}`: {what}" for n, what in NOTEBOOK_LACKS.items())
+        + f", figures the notebook lacks) cost {extra['eval_s']:.2f} s more.",
+        f"- Grouping, not reading, dominates: a Triton family's samples cost the same in every "
+        f"form, but each grouping per (model, version, pod) is rebuilt at every step. The fast "
+        f"forms save {dedup_saved:.2f} s of evaluation over the deduplicating ones here; what "
+        f"is left is `success` (per pod: servers active need it), `failure` (four times the "
+        f"series: one per reason) and the rate itself, which every form computes over each "
+        f"sample W / scrape interval times (W = {result['window']}).",
     ]
     return out
 
@@ -515,18 +716,21 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> None:
         "```",
         "",
         "(`benchmarks/report_range.py --help` for the options; everything runs on 127.0.0.1 and "
-        "is removed afterwards.) The three report runs: `before` sends one query at a time and "
+        "is removed afterwards.) The four report runs: `before` sends one query at a time and "
         "asks every base query at full grain (per model, version and pod), as the report did "
         "before (but it already sends the next chunk's queries while a chunk is derived); "
         "`narrow` also one at "
         "a time, with the queries the table reads only per model version asked for at that "
-        "grain; `after` is what the command does: the narrowed queries, "
-        "`upstream.concurrency` of them in flight. `upstream s` is Prometheus's own summed "
-        "handling time of a run's range queries (`prometheus_http_request_duration_seconds`, "
+        "grain, deduplicated by the upstream; `fast` also one at a time, those and `count` "
+        "first asked summed per model version and replica label set (asked again "
+        "deduplicated only when an answer holds several replica label sets); `after` is what "
+        "the command does: as `fast`, `upstream.concurrency` of them in flight. `upstream s` "
+        "is Prometheus's own summed handling time of a run's range queries "
+        "(`prometheus_http_request_duration_seconds`, "
         "`of which eval s`: `prometheus_engine_query_duration_seconds{slice=\"inner_eval\"}`); "
         "under concurrency each request also waits for the CPU the others use, so "
         "`wall / upstream alone` divides by the time of the same queries sent one at a time "
-        "(`narrow`'s for `after`). Wall time counts fetching, deriving, the table and the "
+        f"(`{ALONE}`'s for `after`). Wall time counts fetching, deriving, the table and the "
         "statistics, `files s` the parquet, CSV, summaries and plots after it. Peak RSS is the "
         "report process's VmHWM. Each figure is the median of `--repeat` runs (`all runs`), "
         "interleaved with the notebook's longest pass.",
@@ -534,6 +738,10 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> None:
         "## Latest run",
         "",
         *render(payload),
+        "",
+        "## What bounds it",
+        "",
+        *bounds(payload["result"]),
         "",
         "## Reading it",
         "",
@@ -572,20 +780,22 @@ def reading(payload: dict[str, Any]) -> list[str]:
     notebook = [p for p in result["notebook"] if "failed" not in p]
     if notebook:
         last = notebook[-1]
-        own = reports["narrow"]["upstream"]["seconds"] / hours_of(result)
+        own = reports[ALONE]["upstream"]["seconds"] / hours_of(result)
         theirs = last["upstream"]["seconds"] / last["hours"]
         lines.append(
             f"- Where the time goes: Prometheus's own time for our queries, sent one at a time, "
-            f"is {own:.2f} s per hour of range; for the notebook's pattern {theirs:.2f} s "
-            f"({theirs / own:.1f}x). On this machine Prometheus and the report share "
+            f"is {own:.2f} s per hour of range (with the deduplicating forms, `narrow`: "
+            f"{reports['narrow']['upstream']['seconds'] / hours_of(result):.2f} s; at full "
+            f"grain, `before`: {reports['before']['upstream']['seconds'] / hours_of(result):.2f}"
+            f" s); for the notebook's pattern {theirs:.2f} s ({theirs / own:.1f}x). On this "
+            f"machine Prometheus and the report share "
             f"{payload['facts']['cores']} cores, so sending queries concurrently cannot make "
-            f"Prometheus's work finish sooner than those cores allow, and the speed-up over "
-            f"the notebook stays near that {theirs / own:.1f}x; against an upstream with cores "
-            f"of its own (Mimir, Thanos, a Prometheus on another host) the "
+            f"Prometheus's work finish sooner than those cores allow; against an upstream "
+            f"with cores of its own (Mimir, Thanos, a Prometheus on another host) the "
             f"{reports['after']['concurrency']} concurrent queries overlap for real. Narrowing "
-            f"cut the JSON the upstream encodes and the report decodes "
-            f"{summary['bytes_before_over_after']:.1f}x; what remains is mostly `count` and "
-            f"`success`, which the table needs per server.")
+            f"and the fast forms cut the JSON the upstream encodes and the report decodes "
+            f"{summary['bytes_before_over_after']:.1f}x; what remains is mostly `success`, "
+            f"which the table needs per server.")
     if "speedup_per_hour" in summary:
         lines.append(
             f"- The notebook's pattern costs {summary['notebook_per_hour_s']:.2f} s per hour of "
@@ -659,16 +869,16 @@ def run(args: argparse.Namespace, workdir: Path, live: list[Child],
     prom.start(timeout=300)
     # The report's first window starts at the history's first sample.
     first = math.ceil((start + window) / step) * step
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in VARIANTS}
     notebook: list[dict[str, Any]] = []
     longest: list[dict[str, Any]] = []
     # Repetitions interleave the variants and the notebook, so all see the same machine.
     for repetition in range(args.repeat):
-        for name, concurrency, narrow in VARIANTS:
+        for name, concurrency, narrow, fast in VARIANTS:
             log(f"[{repetition + 1}/{args.repeat}] report {name} ...")
             spec = {"url": prom.url, "start": first, "end": end, "step": step, "chunk": chunk,
                     "window": args.window, "scrape": args.scrape, "concurrency": concurrency,
-                    "narrow": narrow, "out": str(workdir / f"out-{name}")}
+                    "narrow": narrow, "fast": fast, "out": str(workdir / f"out-{name}")}
             runs[name].append(measure_report(prom.url, spec, live))
             log(f" {runs[name][-1]['wall_s']:.1f} s\n")
         log(f"[{repetition + 1}/{args.repeat}] notebook pattern:")
@@ -685,6 +895,10 @@ def run(args: argparse.Namespace, workdir: Path, live: list[Child],
             longest.append({**again, "upstream": delta(upstream_stats(prom.url), before),
                             "hours": hours})
         log("\n")
+    log("per-query profile ...")
+    began = time.monotonic()
+    profiled = profile(prom.url, first, end, step, chunk, args.window)
+    log(f" {time.monotonic() - began:.0f} s\n")
     reports = {name: median_run(done) for name, done in runs.items()}
     notebook[notebook.index(longest[0])] = median_run(longest)
     hours = (end - first) / 3600.0
@@ -696,6 +910,7 @@ def run(args: argparse.Namespace, workdir: Path, live: list[Child],
         "repeat": args.repeat,
         "walls": {name: [r["wall_s"] for r in done] for name, done in runs.items()},
         "notebook_walls": [p["wall_s"] for p in longest],
+        "profile": profiled,
     }
     facts["loadavg_end"] = os.getloadavg()[0]
     return {"facts": facts, "result": result}
@@ -730,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(args.render.read_text())
         payload["summary"] = summarise(payload["result"])
         payload["reading"] = reading(payload)
-        print("\n".join(["", *render(payload), "", *payload["reading"], ""]))
+        print("\n".join(["", *render(payload), "", *bounds(payload["result"]), "",
+                         *payload["reading"], ""]))
         if args.markdown:
             write_markdown(args.markdown, payload)
         return 0
@@ -757,7 +973,8 @@ def main(argv: list[str] | None = None) -> int:
     payload["command"] = command_line(args)
     payload["summary"] = summarise(payload["result"])
     payload["reading"] = reading(payload)
-    print("\n".join(["", *render(payload), "", *payload["reading"], ""]))
+    print("\n".join(["", *render(payload), "", *bounds(payload["result"]), "",
+                     *payload["reading"], ""]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")

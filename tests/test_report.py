@@ -77,12 +77,25 @@ class FakePrometheus:
         #: The report's narrowed forms: answered per (model, version), as PromQL would.
         self.narrowed = {promql: name for name, promql in report.report_queries(sel).items()
                          if name in report.NARROW}
+        #: The fast forms: summed per (model, version) and replica label set, no pod between.
+        self.fast = {promql: name for name, promql in report.fast_queries(sel).items()}
+        self.replicas = sel.replicas
         self.data = data
         self.fail = fail
         self.calls: list[tuple[str, float, float, float]] = []
+        #: The form of each call: fast, narrowed or catalog.
+        self.forms: list[str] = []
 
-    def samples(self, name: str, t: float, narrowed: bool) -> list[Sample]:
+    def samples(self, name: str, t: float, narrowed: bool, fast: bool = False) -> list[Sample]:
         rows = self.data(name, t)
+        if fast:
+            # sum by (model, version, replicas): every series, those without a model too.
+            keep = ("model", "version", *self.replicas)
+            summed: dict[tuple[tuple[str, str], ...], float] = {}
+            for labels, value in rows:
+                key = tuple((k, labels[k]) for k in keep if labels.get(k, ""))
+                summed[key] = summed.get(key, 0.0) + value
+            return [(dict(key), value) for key, value in summed.items()]
         if not narrowed:
             return rows
         # max by (model, version, pod) over the replicas, then sum by (model, version).
@@ -96,10 +109,12 @@ class FakePrometheus:
         return [({"model": m, "version": v}, value) for (m, v), value in sums.items()]
 
     def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
-        narrowed = query in self.narrowed
+        narrowed, fast = query in self.narrowed, query in self.fast
         # A KeyError here: the report sent a query that is not in the catalog.
-        name = self.narrowed[query] if narrowed else self.names[query]
+        name = (self.fast[query] if fast else self.narrowed[query] if narrowed
+                else self.names[query])
         self.calls.append((name, start, end, step))
+        self.forms.append("fast" if fast else "narrowed" if narrowed else "catalog")
         if self.fail is not None:
             error = self.fail(len(self.calls), name, start)
             if error is not None:
@@ -108,7 +123,7 @@ class FakePrometheus:
         start_ms, step_ms = round(start * 1000), round(step * 1000)
         for k in range(round((end - start) / step) + 1):
             t = (start_ms + k * step_ms) / 1000
-            for labels, value in self.samples(name, t, narrowed):
+            for labels, value in self.samples(name, t, narrowed, fast):
                 key = tuple(sorted(labels.items()))
                 series.setdefault(key, []).append([t, repr(float(value))])
         payload = {"status": "success", "data": {"resultType": "matrix", "result": [
@@ -689,11 +704,68 @@ def test_narrowed_queries_deduplicate_per_pod_then_sum_per_model_version() -> No
         missing_p2 = fleet_data(("r1",), {("a", "1", "p1"): 10.0})(name, t)
         return full_replica + missing_p2
 
-    narrowed = run(FakePrometheus(cfg, data), cfg, T0, T0 + 600, concurrency=1)
+    fake = FakePrometheus(cfg, data)
+    narrowed = run(fake, cfg, T0, T0 + 600, concurrency=1)
     whole = run(FakePrometheus(cfg, data), cfg, T0, T0 + 600, concurrency=1, narrow=False)
     pd.testing.assert_frame_equal(narrowed.table, whole.table)
     assert narrowed.table["failures_a/1"].iloc[-1] == 0.0
     assert narrowed.table["batch_size_a/1"].iloc[-1] == pytest.approx(4.0)
+    # Two replica label sets in every fast answer: each was asked again (not cache_hits: no
+    # series, and an empty answer is exact).
+    asked = [name for name, *_ in fake.calls]
+    again = {name for name in report.FAST if asked.count(name) == 2}
+    assert again == report.FAST - {"cache_hits"}
+    assert narrowed.summary["report"]["queries"] == len(BASE_QUERIES) + len(again)
+
+
+def test_fast_queries_sum_per_model_version_and_replica_and_are_exact_with_one_replica() -> None:
+    """The fast form skips the per-pod grouping; with one replica label set it gives the
+    figures of the deduplicating forms (count's raw rate included) and nothing is asked twice."""
+    cfg = make_config()
+    sel = Selectors.from_config(cfg)
+    fast = report.fast_queries(sel)
+    assert set(fast) == report.FAST == report.NARROW | {"count"}
+    for query in BASE_QUERIES:
+        if query.name in fast:
+            assert fast[query.name] == (
+                f"sum by (model, version, prometheus_replica) ({query.function}("
+                f"{query.metric}{{{sel.triton}}}[{sel.window}]))")
+    # A series without a model label counts in the raw rate only, as in the catalog.
+    unlabelled = ({"pod": "p9", "prometheus_replica": "prometheus-k8s-0"}, 7.0)
+
+    def data(name: str, t: float) -> list[Sample]:
+        return fleet_data()(name, t) + ([unlabelled] if name == "count" else [])
+
+    fake = FakePrometheus(cfg, data)
+    quick = run(fake, cfg, T0, T0 + 1800, concurrency=2)
+    slow = FakePrometheus(cfg, data)
+    dedup = run(slow, cfg, T0, T0 + 1800, concurrency=2, fast=False)
+    whole = run(FakePrometheus(cfg, data), cfg, T0, T0 + 1800, concurrency=2, narrow=False)
+    pd.testing.assert_frame_equal(quick.table, whole.table)
+    pd.testing.assert_frame_equal(dedup.table, whole.table)
+    assert quick.table["rate_raw"].iloc[-1] == pytest.approx(42.0)
+    assert quick.table["rate"].iloc[-1] == pytest.approx(35.0)
+    spans = chunks(T0, T0 + 1800, 60, 900)
+    assert sorted(fake.calls) == sorted(slow.calls)  # the same base queries, each once
+    assert fake.forms.count("fast") == len(spans) * len(report.FAST)
+    assert "fast" not in slow.forms
+    assert slow.forms.count("narrowed") == len(spans) * len(report.NARROW)
+    assert quick.summary["report"]["queries"] == len(spans) * len(BASE_QUERIES)
+
+
+def test_one_replica_reads_a_missing_label_as_one_more_replica_label_set() -> None:
+    frame = pd.DataFrame({"model": ["a", "a", "b"], "prometheus_replica": ["r0", "r0", "r0"],
+                          "value": [1.0, 2.0, 3.0]})
+    assert report.one_replica(frame, ["prometheus_replica"])
+    assert report.one_replica(frame.iloc[:0], ["prometheus_replica"])
+    assert report.one_replica(frame.drop(columns="prometheus_replica"), ["prometheus_replica"])
+    assert report.one_replica(frame, [])
+    lacking = frame.assign(prometheus_replica=["r0", "", "r0"])  # a series without the label
+    assert not report.one_replica(lacking, ["prometheus_replica"])
+    two = frame.assign(prometheus_replica=["r0", "r1", "r0"])
+    assert not report.one_replica(two, ["prometheus_replica"])
+    both = frame.assign(dc=["x", "y", "x"])
+    assert not report.one_replica(both, ["prometheus_replica", "dc"])
 
 
 # --- statistics on a hand-computed table ----------------------------------------------------------
@@ -1033,7 +1105,9 @@ def test_backfilled_report_has_one_row_per_step(
     assert len(csv) == 61 and csv["time"].is_unique
     summary = json.loads((out / "summary.json").read_text())
     assert summary["report"]["chunks"] == 4  # 15 min of 60 s steps: 16 + 16 + 16 + 13 points
-    assert summary["report"]["queries"] == 4 * len(BASE_QUERIES)
+    # Chunks 2 and 3 hold the HA replica (22:20 .. 22:40): their fast answers show two replica
+    # label sets, so each fast query of theirs is asked again, deduplicated.
+    assert summary["report"]["queries"] == 4 * len(BASE_QUERIES) + 2 * len(report.FAST)
     assert report.model_ids(table) == ["particlenet_aa/1", "pn_demo/1", "pn_demo/2",
                                        "svj_tch_gnn/1"]
     assert len(report.slice_ids(table)) == 4
@@ -1162,7 +1236,9 @@ def test_backfilled_upstream_failing_mid_range_names_the_chunk_and_keeps_the_old
     _, server, root = backfilled
     _, out, _ = made
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
-    # One query at a time: which request is the 18th is then fixed.
+    # One query at a time: which request is the 18th is then fixed. Chunk 2 holds the HA
+    # replica, so its fast count answer is asked again deduplicated (the 16th): the 18th is
+    # failure's.
     with FailAfter(server.url, limit=len(BASE_QUERIES) + 3) as proxy:
         code = report.main_from_args(parse_args(
             "--config.file", str(config_file(root, proxy.url, concurrency=1)),
@@ -1173,7 +1249,7 @@ def test_backfilled_upstream_failing_mid_range_names_the_chunk_and_keeps_the_old
     assert code == report.EXIT_UPSTREAM
     assert "chunk 2/4 (2023-03-30T22:16:00Z .. 2023-03-30T22:31:00Z) failed after 3 attempts" in (
         err)
-    assert f"base query {BASE_QUERIES[3].name}" in err and "HTTP 503" in err
+    assert f"base query {BASE_QUERIES[2].name}" in err and "HTTP 503" in err
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
     # And with Prometheus itself gone: the first chunk is named.

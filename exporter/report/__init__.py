@@ -33,11 +33,14 @@ if TYPE_CHECKING:
     )
     from exporter.report.chunking import MAX_POINTS, chunks, step_grid
     from exporter.report.fetch import (
+        FAST,
         NARROW,
         Collected,
         RangeQuerier,
         ReportFetchError,
         collect,
+        fast_queries,
+        one_replica,
         progress_bar,
         report_queries,
     )
@@ -70,8 +73,8 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(("MAX_POINTS", "chunks", "step_grid"), "chunking"),
     **dict.fromkeys(
-        ("NARROW", "Collected", "RangeQuerier", "ReportFetchError", "collect", "progress_bar",
-         "report_queries"), "fetch"
+        ("FAST", "NARROW", "Collected", "RangeQuerier", "ReportFetchError", "collect",
+         "fast_queries", "one_replica", "progress_bar", "report_queries"), "fetch"
     ),
     **dict.fromkeys(("PLOTS", "write_plots"), "plots"),
     **dict.fromkeys(("describe", "render_markdown", "summary_json", "summary_statistics"),
@@ -87,6 +90,7 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "EXIT_UPSTREAM",
     "EXIT_USAGE",
+    "FAST",
     "FLEET_COLUMNS",
     "MAX_POINTS",
     "MODEL_COLUMNS",
@@ -108,10 +112,12 @@ __all__ = [
     "collect",
     "concat_tables",
     "describe",
+    "fast_queries",
     "format_time",
     "generate",
     "main_from_args",
     "model_ids",
+    "one_replica",
     "parse_time",
     "progress_bar",
     "render_markdown",

@@ -109,12 +109,15 @@ def generate(
     upstream: str | None = None,
     concurrency: int | None = None,
     narrow: bool = True,
+    fast: bool = True,
 ) -> Report:
     """Query, derive and summarise ``[start, end]``: the report in memory (no files).
 
     ``concurrency``: queries in flight at once (default ``upstream.concurrency`` of ``cfg``);
     ``narrow``: ask for the queries the table reads per model version only at that grain
-    (see :func:`~exporter.report.fetch.report_queries`; off only to measure what it saves).
+    (see :func:`~exporter.report.fetch.report_queries`; off only to measure what it saves);
+    ``fast``: with ``narrow``, ask for the fast forms first
+    (:func:`~exporter.report.fetch.fast_queries`; off likewise only to measure).
 
     Raises :class:`ReportError` (code 2) for a range without any aligned step and
     :class:`ReportFetchError` when a chunk fails after its retries.
@@ -146,7 +149,7 @@ def generate(
     try:
         collected = collect(querier, sel, spans, step, retries=retries, backoff=backoff,
                             sleep=sleep, bar=bar, on_query=on_query, keep=TABLE_SERIES,
-                            concurrency=concurrency, narrow=narrow, on_chunk=on_chunk,
+                            concurrency=concurrency, narrow=narrow, fast=fast, on_chunk=on_chunk,
                             hold=False)
     finally:
         bar.close()

@@ -12,6 +12,14 @@ just the successes (servers active). So the base queries it reads only per model
 (:data:`NARROW`) are asked for per model version: the upstream deduplicates the replicas per
 pod (``max by``), exactly as ``exporter.derive`` does, and sums the pods, instead of returning
 every (model, version, pod) series.
+
+Those deduplicating forms cost the upstream most of its time: each grouping per (model, version,
+pod) is built at every step (a 6 h chunk of fleet L: 0.23 s for the deduplicated form of one
+family, 0.06 s for ``sum by (model, version)``). Deduplication changes nothing when every series
+of a family carries one and the same replica label set, so the :data:`FAST` queries are first
+asked as ``sum by (model, version, <replica labels>)`` of the rate: if the answer holds a single
+replica label set it is exact (``count``'s raw rate is then the sum of its rows); if it holds
+more, the query is asked again in the deduplicating form.
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ from exporter.report.times import format_time
 from exporter.upstream import QueryResult, UpstreamError
 
 __all__ = [
+    "FAST",
     "NARROW",
     "Collected",
     "RangeQuerier",
     "ReportFetchError",
     "collect",
+    "fast_queries",
+    "one_replica",
     "progress_bar",
     "report_queries",
 ]
@@ -53,6 +64,9 @@ KEYS = (TIMESTAMP,)
 NARROW: frozenset[str] = frozenset(
     {"failure", "exec", "cache_hits", *(f"{phase}_us" for phase in PHASES)}
 )
+#: Base queries first asked summed per (model, version) and replica label set
+#: (:func:`fast_queries`); the per-pod series of ``count`` are then not derivable either.
+FAST: frozenset[str] = NARROW | {"count"}
 
 
 class RangeQuerier(Protocol):
@@ -110,6 +124,31 @@ def report_queries(sel: Selectors, narrow: bool = True) -> dict[str, str]:
     return out
 
 
+def fast_queries(sel: Selectors) -> dict[str, str]:
+    """The :data:`FAST` queries' cheap form: the rate summed per (model, version) and replica
+    label set, with no grouping per pod in between.
+
+    Exact when the answer holds one replica label set (:func:`one_replica`): each (model,
+    version, pod) then has one replica, whose figure the deduplication keeps, and the sum of the
+    answer's rows (series without a model label included) is ``count``'s raw rate.
+    """
+    by = sel.join([sel.model, sel.version, *sel.replicas])
+    return {
+        query.name: f"sum by ({by}) ({query.function}({query.metric}{{{sel.triton}}}"
+                    f"[{sel.window}]))"
+        for query in catalog.BASE_QUERIES if query.name in FAST
+    }
+
+
+def one_replica(frame: pd.DataFrame, replicas: Collection[str]) -> bool:
+    """Whether every row of a :func:`fast_queries` answer has the same replica label set (a
+    label a series lacks reads as "")."""
+    present = [label for label in replicas if label in frame.columns]
+    if frame.empty or not present:
+        return True
+    return len(frame[present].drop_duplicates()) <= 1
+
+
 def _per_pod(narrowed: Collection[str]) -> frozenset[str]:
     """Series that would need a narrowed query per pod: not derivable from narrowed answers."""
     return frozenset(
@@ -132,8 +171,10 @@ class _Fetcher:
     """Runs one query of one chunk with its retries; shared by the pool's threads."""
 
     def __init__(self, querier: RangeQuerier, spans: list[tuple[float, float]], step: float,
-                 retries: int, backoff: float, sleep: Callable[[float], None]) -> None:
+                 retries: int, backoff: float, sleep: Callable[[float], None],
+                 replicas: Collection[str] = ()) -> None:
         self.querier = querier
+        self.replicas = list(replicas)
         self.spans = spans
         self.step = step
         self.retries = retries
@@ -141,10 +182,23 @@ class _Fetcher:
         self.sleep = sleep
         self.lock = threading.Lock()
         self.retried = 0
+        #: Fast answers with several replica label sets, asked again deduplicated.
+        self.again = 0
         #: The first query to fail for good; once set, queries not yet sent are abandoned.
         self.failed: ReportFetchError | None = None
 
-    def __call__(self, query: BaseQuery, promql: str, index: int) -> QueryResult:
+    def __call__(self, query: BaseQuery, promql: str, index: int,
+                 fallback: str | None = None) -> QueryResult:
+        """``promql``'s answer; with a ``fallback`` (``promql`` a fast form), the fallback's
+        when the fast answer holds more than one replica label set."""
+        result = self._ask(query, promql, index)
+        if fallback is None or one_replica(result.frame, self.replicas):
+            return result
+        with self.lock:
+            self.again += 1
+        return self._ask(query, fallback, index)
+
+    def _ask(self, query: BaseQuery, promql: str, index: int) -> QueryResult:
         start, end = self.spans[index]
         attempt = 0
         while True:
@@ -220,6 +274,7 @@ def collect(
     keep: Collection[str] | None = None,
     concurrency: int = 1,
     narrow: bool = True,
+    fast: bool = True,
     on_chunk: Callable[[int, Mapping[str, pd.DataFrame]], None] | None = None,
     hold: bool = True,
 ) -> Collected:
@@ -233,11 +288,13 @@ def collect(
     called after each successful query (chunk counts from 1, in catalog order per chunk).
     ``keep`` limits the derived tables kept across chunks to those series (the per-pod ones are
     the largest and the table has no use for them); ``None`` keeps all. ``narrow`` asks for the
-    :data:`NARROW` queries per model version (:func:`report_queries`); the per-pod series that
-    would need them are then left out. ``on_chunk(index, tables)`` receives each chunk's
-    derived tables (those in ``keep``; chunk counts from 0) as soon as it is derived; with
-    ``hold=False`` nothing is held across chunks (``derived`` stays empty) and memory stays that
-    of a chunk or two.
+    :data:`NARROW` queries per model version (:func:`report_queries`), and with ``fast`` for
+    the :data:`FAST` ones first in their cheap form (:func:`fast_queries`; asked again
+    deduplicated when the answer holds several replica label sets, each such query counted in
+    ``queries``); the per-pod series that would need them are then left out.
+    ``on_chunk(index, tables)`` receives each chunk's derived tables (those in ``keep``; chunk
+    counts from 0) as soon as it is derived; with ``hold=False`` nothing is held across chunks
+    (``derived`` stays empty) and memory stays that of a chunk or two.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -245,13 +302,15 @@ def collect(
     parts: dict[str, list[pd.DataFrame]] = {}
     seen_warnings: set[str] = set()
     promql = report_queries(sel, narrow)
-    skipped = _per_pod(NARROW) if narrow else frozenset()
-    fetch = _Fetcher(querier, spans, step, retries, backoff, sleep)
+    cheap = fast_queries(sel) if narrow and fast else {}
+    skipped = _per_pod(cheap.keys() | NARROW) if narrow else frozenset()
+    fetch = _Fetcher(querier, spans, step, retries, backoff, sleep, sel.replicas)
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="report") as pool:
 
         def submit(index: int) -> Pending:
-            return [(q, pool.submit(fetch, q, promql[q.name], index))
+            return [(q, pool.submit(fetch, q, cheap[q.name], index, promql[q.name])
+                     if q.name in cheap else pool.submit(fetch, q, promql[q.name], index))
                     for q in catalog.BASE_QUERIES]
 
         def gather(index: int, pending: Pending) -> dict[str, pd.DataFrame]:
@@ -307,6 +366,7 @@ def collect(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     collected.retries = fetch.retried
+    collected.queries += fetch.again
     collected.derived = {
         name: _concat(tables) for name, tables in parts.items()
         if name not in collected.errors

@@ -10,24 +10,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib import dates as mdates
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from exporter.catalog import PHASES
 from exporter.report.table import model_ids, slice_ids
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 __all__ = ["PLOTS", "write_plots"]
 
 DPI = 110
-#: matplotlib.dates is not annotated; its few functions are used through this alias.
-_dates: Any = mdates
 TIME_LABEL = "time (UTC)"
 
 
@@ -46,15 +43,31 @@ def _has(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).any())
 
 
+def _figure(**options: Any) -> Figure:
+    # matplotlib is imported when a plot is drawn: the report's table does not wait for it.
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def _dates() -> Any:
+    """matplotlib.dates (not annotated: its few functions are used through Any)."""
+    from matplotlib import dates
+
+    return dates
+
+
 def _time_axis(ax: Axes) -> None:
-    locator = _dates.AutoDateLocator()
+    locator = _dates().AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(_dates.ConciseDateFormatter(locator))
+    ax.xaxis.set_major_formatter(_dates().ConciseDateFormatter(locator))
     ax.set_xlabel(TIME_LABEL)
     ax.grid(True, alpha=0.3)
 
 
 def _save(fig: Figure, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)
 
@@ -64,7 +77,7 @@ def rate_and_tensor(table: pd.DataFrame, path: Path) -> bool:
     if not (_has(rate) or _has(tensor)):
         return False
     times = _times(table)
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    fig = _figure(figsize=(11, 4.8), layout="constrained")
     ax = fig.add_subplot()
     left = ax.plot(times, rate, color="tab:blue", label="inference rate (deduplicated)")
     ax.set_ylabel("inferences/s", color="tab:blue")
@@ -91,6 +104,8 @@ def _scatter(ax: Axes, x: np.ndarray, y: np.ndarray, title: str, color: str) -> 
     ax.set_ylabel("inferences/s")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
@@ -104,7 +119,7 @@ def rate_vs_servers(table: pd.DataFrame, path: Path) -> bool:
     panels = 1 + len(models)
     cols = min(3, panels)
     rows = math.ceil(panels / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    fig = _figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     flat = [ax for row in axes for ax in row]
     _scatter(flat[0], servers, rate, "fleet", "tab:red")
@@ -124,7 +139,7 @@ def concurrency(table: pd.DataFrame, path: Path) -> bool:
     if not _has(ratio):
         return False
     times = _times(table)
-    fig = Figure(figsize=(11, 6), layout="constrained")
+    fig = _figure(figsize=(11, 6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(times, ratio, color="tab:purple", label="concurrency")
     mean = float(np.nanmean(ratio))
@@ -156,9 +171,9 @@ def slice_heatmap(
         return False
     # Scale to the data (at least 0..0.1) so a quiet fleet is not one dark colour.
     top = max(0.1, math.ceil(float(np.nanmax(grid)) * 10) / 10)
-    times = np.asarray(_dates.date2num(_times(table)), dtype=np.float64)
+    times = np.asarray(_dates().date2num(_times(table)), dtype=np.float64)
     step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / 1440
-    fig = Figure(figsize=(12, max(3.0, 0.32 * len(slices) + 1.8)), layout="constrained")
+    fig = _figure(figsize=(12, max(3.0, 0.32 * len(slices) + 1.8)), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(
         np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap="viridis",
@@ -186,7 +201,7 @@ def latency_breakdown(summary: Mapping[str, Any], path: Path) -> bool:
     if not names:
         return False
     parts = [p for p in PHASES if p != "request"]
-    fig = Figure(figsize=(max(7.5, 1.3 * len(names) + 4.5), 5), layout="constrained")
+    fig = _figure(figsize=(max(7.5, 1.3 * len(names) + 4.5), 5), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(names))
     bottom = np.zeros(len(names))
