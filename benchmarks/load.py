@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import bench_report
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -174,12 +175,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = bench_report.cpu_model()
     return {
         "cores": os.cpu_count() or 0,
         "python": platform.python_version(),

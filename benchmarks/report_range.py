@@ -50,6 +50,7 @@ from types import FrameType
 from typing import Any
 
 import bench_notebook
+import bench_report
 import requests
 from bench_fleet import SIZES, Size, UsedFamiliesFleet, prometheus_on
 
@@ -461,12 +462,7 @@ def profile(url: str, start: float, end: float, step: float, chunk: float,
 def machine_facts(binaries: promserver.PrometheusBinaries) -> dict[str, Any]:
     from run import background_load
 
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = bench_report.cpu_model()
     return {
         "cores": os.cpu_count(), "cpu": cpu,
         "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,

@@ -327,12 +327,7 @@ def background_load(seconds: float = 2.0) -> float:
 
 def machine_facts(binaries: promserver.PrometheusBinaries, args: argparse.Namespace) -> dict[str,
                                                                                              Any]:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = bench_report.cpu_model()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     version = importlib.metadata.version
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -69,21 +70,17 @@ class Stack:
             time.sleep(min(earliest - t + 0.1, 30))
 
 
-@pytest.fixture(scope="module")
-def stack(prometheus_binaries: promserver.PrometheusBinaries,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    scrape, window, epoch = 1.0, 5.0, 20.0
+@contextlib.contextmanager
+def simulated_stack(binaries: promserver.PrometheusBinaries, folder: Path, *, scrape: float,
+                    window: float, lead: float, **spec: Any) -> Iterator[Stack]:
+    """The simulator (first epoch ending ``lead`` s from now) scraped by a real Prometheus."""
     now = time.time()
     faults = simulate.Faults()
-    # Epoch 0 ends 12 s from now, so the tests see a change of loaded models (churn).
-    spec = simulate.FleetSpec(servers=4, models=3, hosts=2, gpus_per_host=1, seed=7,
-                              epoch_seconds=epoch, churn=0.3, start=now - epoch + 12)
-    fleet = simulate.Fleet(spec, faults)
+    fleet = simulate.Fleet(simulate.FleetSpec(**spec, start=now - spec["epoch_seconds"] + lead),
+                           faults)
     sim = simulate.serve(fleet, "127.0.0.1", 0)
     target = f"127.0.0.1:{sim.server_address[1]}"
-    prom = promserver.PrometheusServer(
-        prometheus_binaries, fleet.prometheus_config(target, scrape),
-        tmp_path_factory.mktemp("prometheus"))
+    prom = promserver.PrometheusServer(binaries, fleet.prometheus_config(target, scrape), folder)
     try:
         prom.start()
         yield Stack(fleet, faults, f"http://{target}", prom, scrape, window, now)
@@ -91,3 +88,13 @@ def stack(prometheus_binaries: promserver.PrometheusBinaries,
         prom.stop()
         sim.shutdown()
         sim.server_close()
+
+
+@pytest.fixture(scope="module")
+def stack(prometheus_binaries: promserver.PrometheusBinaries,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Epoch 0 ends 12 s from now, so the tests see a change of loaded models (churn).
+    with simulated_stack(prometheus_binaries, tmp_path_factory.mktemp("prometheus"), scrape=1.0,
+                         window=5.0, lead=12, servers=4, models=3, hosts=2, gpus_per_host=1,
+                         seed=7, epoch_seconds=20.0, churn=0.3) as st:
+        yield st

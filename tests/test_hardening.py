@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import Stack
+from conftest import Stack, simulated_stack
 from fakes import (
     DERIVED,
     FLEET_RATE,
@@ -654,24 +654,10 @@ LEAD = 9.0
 def churn_stack(prometheus_binaries: promserver.PrometheusBinaries,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Seed 1 with four models unloads one model and loads another at the first boundary."""
-    scrape, window, epoch = 0.5, 2.0, 30.0
-    now = time.time()
-    faults = simulate.Faults()
-    spec = simulate.FleetSpec(servers=4, models=4, hosts=2, gpus_per_host=1, seed=1,
-                              epoch_seconds=epoch, churn=0.3, start=now - epoch + LEAD)
-    fleet = simulate.Fleet(spec, faults)
-    sim = simulate.serve(fleet, "127.0.0.1", 0)
-    target = f"127.0.0.1:{sim.server_address[1]}"
-    prom = promserver.PrometheusServer(prometheus_binaries,
-                                       fleet.prometheus_config(target, scrape),
-                                       tmp_path_factory.mktemp("prometheus"))
-    try:
-        prom.start()
-        yield Stack(fleet, faults, f"http://{target}", prom, scrape, window, now)
-    finally:
-        prom.stop()
-        sim.shutdown()
-        sim.server_close()
+    with simulated_stack(prometheus_binaries, tmp_path_factory.mktemp("prometheus"), scrape=0.5,
+                         window=2.0, lead=LEAD, servers=4, models=4, hosts=2, gpus_per_host=1,
+                         seed=1, epoch_seconds=30.0, churn=0.3) as st:
+        yield st
 
 
 def loaded(fleet: simulate.Fleet, t: float) -> set[tuple[str, str, str]]:
