@@ -149,16 +149,30 @@ class VMStack:
                                         "web": {"listen_address": "127.0.0.1:0"}}))
         return path
 
-    def flush(self) -> None:
-        """Make every scraped sample searchable (VictoriaMetrics buffers about a second)."""
-        for vm in (self.vm, self.vm_dedup, self.vm_default):
-            vm.force_flush()
+    def settle(self, at: float) -> None:
+        """Wait until every sample stamped at or before ``at`` is stored and searchable.
+
+        A scrape is stamped when it starts and stored when it ends, and VictoriaMetrics buffers
+        about a second more: a young instant can gain a sample between two queries of it. Each
+        target is scraped in sequence, so once every ``up`` series holds a sample newer than
+        ``at`` no older one is still on its way."""
+        deadline = time.monotonic() + 10 * SCRAPE
+        for vm in (self.vm, self.vm_dedup):
+            while True:
+                vm.force_flush()
+                newest = [max(series["timestamps"]) / 1000
+                          for series in vm.export("up", at - WINDOW, time.time() + 1)]
+                if newest and min(newest) > at:
+                    break
+                assert time.monotonic() < deadline, f"{vm.url}: no scrape after {at:.3f}"
+                time.sleep(SCRAPE / 10)
+        self.vm_default.force_flush()
 
     def once(self, at: float, url: str | None = None) -> str:
         """``once --at`` on ``url`` (the main VictoriaMetrics by default); cached per instant."""
         key = (url or self.vm.url, at)
         if key not in self._once:
-            self.flush()
+            self.settle(at)
             (done,) = run_once([self.config_file(f"once-{len(self._once)}", url)], at)
             assert done.returncode == 0, done.stderr
             self._once[key] = done.stdout
@@ -403,7 +417,7 @@ def recorded_instant(stack: VMStack, not_before: float = 0.0) -> float:
     deadline = time.monotonic() + 90
     while True:
         at = stack.instant(lead=lead, not_before=not_before, whole=True, age=1.5)
-        stack.flush()
+        stack.settle(at)
         if chain_settled(stack, at):
             return at
         assert time.monotonic() < deadline, "vmalert's rule chain never settled"
@@ -494,7 +508,7 @@ def test_two_exporter_replicas_publish_byte_identical_figures(vm_stack: VMStack)
     """HA of the exporter: what two replicas behind one Service publish for one evaluation
     instant is identical, byte for byte, whichever of them Prometheus scrapes."""
     at = vm_stack.instant()
-    vm_stack.flush()
+    vm_stack.settle(at)
     first, second = run_once([vm_stack.config_file("replica-a"),
                               vm_stack.config_file("replica-b")], at)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
@@ -547,7 +561,7 @@ def test_prefix_token_and_tenant_in_front_of_a_real_server(vm_stack: VMStack) ->
             vm_stack.config_file("no-prefix", gate.url, **good),
         ]
         at = vm_stack.instant()
-        vm_stack.flush()
+        vm_stack.settle(at)
         ok, bad_token, no_tenant, no_prefix = run_once(configs, at)
         assert ok.returncode == 0, ok.stderr
         # Through the prefix, the token and the tenant header: the very same figures.
