@@ -631,6 +631,14 @@ def variable_values(prom: promserver.PrometheusServer,
     return out
 
 
+def variable_counts(variables: dict[str, list[str]]) -> list[int]:
+    return [len(variables.get(name, [])) for name in ("model", "pod", "host")]
+
+
+def fleet_counts(spec: simulate.FleetSpec) -> list[int]:
+    return [spec.models, spec.servers, spec.hosts]
+
+
 def has_data(prom: promserver.PrometheusServer, expr: str) -> bool:
     """The instant query is valid PromQL and returns at least one finite sample."""
     answer = requests.get(f"{prom.url}/api/v1/query", params={"query": expr}, timeout=10)
@@ -646,10 +654,13 @@ def wait_for_panels(live: LiveFleet, wanted: Callable[[PanelQuery], bool],
     deadline = time.monotonic() + timeout
     pending: dict[str, list[PanelQuery]] = {}
     for name, prom in live.sources.items():
+        # Every model, pod and host: targets are scraped at spread offsets, so the first
+        # recorded series can name some pods a scrape interval before the others.
         variables = promserver.wait_for(
-            lambda prom=prom: (v := variable_values(prom, live.board)) and all(v.values()) and v,
+            lambda prom=prom: (v := variable_values(prom, live.board))
+            and variable_counts(v) == fleet_counts(live.spec) and v,
             timeout=max(deadline - time.monotonic(), 1), interval=0.5,
-            what=f"every dashboard variable to list values from the {name} source")
+            what=f"every dashboard variable to list the whole fleet from the {name} source")
         pending[name] = [q for q in panel_queries(live.board, variables) if wanted(q)]
     while True:
         for name, prom in live.sources.items():
@@ -679,9 +690,7 @@ def test_every_panel_query_returns_data_from_rules_and_exporter(live_fleet: Live
     asked = {q.panel for q in panel_queries(board, variables)}
     assert asked == ({t for t in titles if "$" not in t}
                      | {f"Latency phases: {m}" for m in variables["model"]})
-    spec = live_fleet.spec
-    assert [len(variables[name]) for name in ("model", "pod", "host")] == [
-        spec.models, spec.servers, spec.hosts]
+    assert variable_counts(variables) == fleet_counts(live_fleet.spec)
     # The allow-list is exactly the panels without data in a healthy fleet.
     for name, prom in live_fleet.sources.items():
         empty = {q.panel for q in panel_queries(board, variables) if not has_data(prom, q.expr)}
