@@ -64,12 +64,14 @@ ROOT = HERE.parent
 TARGET_UPSTREAM_RATIO = 1.2
 TARGET_RSS_MB = 1024.0
 TARGET_SPEEDUP = 5.0
-#: (name, concurrency (None: the exporter's default), narrow, fast)
-VARIANTS: tuple[tuple[str, int | None, bool, bool], ...] = (
-    ("before", 1, False, False),
-    ("narrow", 1, True, False),
-    ("fast", 1, True, True),
-    ("after", None, True, True),
+#: (name, concurrency (None: the exporter's default), narrow, fast, upstream.compression (None:
+#: the default, auto: plain answers from this loopback Prometheus))
+VARIANTS: tuple[tuple[str, int | None, bool, bool, str | None], ...] = (
+    ("before", 1, False, False, "gzip"),
+    ("narrow", 1, True, False, None),
+    ("fast", 1, True, True, None),
+    ("after", None, True, True, None),
+    ("gzip", None, True, True, "gzip"),
 )
 #: The variant sending `after`'s queries one at a time: the upstream's own time for them.
 ALONE = "fast"
@@ -208,6 +210,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     upstream: dict[str, Any] = {"url": spec["url"], "timeout": "600s", "retries": 0}
     if spec["concurrency"] is not None:
         upstream["concurrency"] = spec["concurrency"]
+    if spec.get("compression") is not None:
+        upstream["compression"] = spec["compression"]
     cfg = config.from_mapping({
         "upstream": upstream,
         "evaluation": {"window": spec["window"], "scrape_interval": spec["scrape"]},
@@ -296,10 +300,14 @@ def measure_report(prom_url: str, spec: dict[str, Any], live: list[Child]) -> di
 
 
 def notebook_range(url: str, start: float, end: float, step: float, chunk: float,
-                   window: str) -> dict[str, Any]:
+                   window: str, plain: bool = False) -> dict[str, Any]:
     """The seed's ``get_all_queries``: every query over every (start, end) tuple, one at a time,
-    GET /api/v1/query_range as prometheus-api-client sends it; answers only JSON-decoded."""
+    GET /api/v1/query_range as prometheus-api-client sends it (gzip-compressed answers, as
+    requests asks; ``plain``: uncompressed, like for like with the report on one host);
+    answers only JSON-decoded."""
     session = requests.Session()
+    if plain:
+        session.headers["Accept-Encoding"] = "identity"
     tuples: list[tuple[float, float]] = []
     at = start
     while at <= end:
@@ -485,7 +493,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         # each request also waits for the CPU the others use, and their sum grows with it.
         "upstream_ratio": {
             name: r["wall_s"] / reports[ALONE if name == "after" else name]["upstream"]["seconds"]
-            for name, r in reports.items()
+            for name, r in reports.items() if name != "gzip"  # no gzip variant one at a time
         },
         "rss_peak_mb": {name: r["rss_peak_mb"] for name, r in reports.items()},
         "before_over_after": reports["before"]["wall_s"] / after["wall_s"],
@@ -495,6 +503,15 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         out["notebook_hours"] = longest["hours"]
         out["notebook_per_hour_s"] = longest["wall_s"] / longest["hours"]
         out["speedup_per_hour"] = out["notebook_per_hour_s"] / out["per_hour_s"]["after"]
+        if "gzip" in reports:
+            # Both with gzip-compressed answers, as across a network.
+            out["speedup_per_hour_gzip"] = out["notebook_per_hour_s"] / out["per_hour_s"]["gzip"]
+    if result.get("notebook_plain"):
+        plain = result["notebook_plain"]
+        out["notebook_plain_per_hour_s"] = plain["wall_s"] / plain["hours"]
+        # Both with plain answers: what uncompressed transfer alone does for either.
+        out["speedup_per_hour_plain"] = (out["notebook_plain_per_hour_s"]
+                                         / out["per_hour_s"]["after"])
     out["targets"] = {
         "upstream_ratio": {"target": TARGET_UPSTREAM_RATIO,
                            "value": out["upstream_ratio"].get("after", math.nan)},
@@ -549,7 +566,8 @@ def render(payload: dict[str, Any]) -> list[str]:
             name, str(r["concurrency"]), str(r["queries"]), f"{r['wall_s']:.1f}",
             " / ".join(f"{w:.1f}" for w in result["walls"][name]), f"{r['files_s']:.1f}",
             f"{up['seconds']:.1f}", f"{up['eval_seconds']:.1f}",
-            f"{summary['upstream_ratio'][name]:.2f}", f"{r['client_request_sum_s']:.1f}",
+            f"{summary['upstream_ratio'][name]:.2f}" if name in summary["upstream_ratio"]
+            else "-", f"{r['client_request_sum_s']:.1f}",
             _mb(r["json_bytes"]), f"{r['rss_peak_mb']:.0f}", f"{r['wall_s'] / hours:.2f}",
         ])
     out += table(["report", "concurrency", "queries", "wall s", "all runs", "files s",
@@ -565,6 +583,12 @@ def render(payload: dict[str, Any]) -> list[str]:
         runs = (" / ".join(f"{w:.1f}" for w in result["notebook_walls"])
                 if p["hours"] == summary.get("notebook_hours") else "")
         rows.append([f"{p['hours']:.4g}", str(p["queries"]), f"{p['wall_s']:.1f}", runs,
+                     f"{p['upstream']['seconds']:.1f}", _mb(p["json_bytes"]),
+                     f"{p['pairs']} / {p['slices']}", f"{p['wall_s'] / p['hours']:.2f}"])
+    if result.get("notebook_plain"):
+        p = result["notebook_plain"]
+        rows.append([f"{p['hours']:.4g} plain", str(p["queries"]), f"{p['wall_s']:.1f}",
+                     " / ".join(f"{w:.1f}" for w in result["notebook_plain_walls"]),
                      f"{p['upstream']['seconds']:.1f}", _mb(p["json_bytes"]),
                      f"{p['pairs']} / {p['slices']}", f"{p['wall_s'] / p['hours']:.2f}"])
     out += table(["range h", "queries", "wall s", "all runs", "upstream s", "JSON MB",
@@ -586,6 +610,12 @@ def render(payload: dict[str, Any]) -> list[str]:
         f"- per hour of range, the notebook's pattern ({summary.get('notebook_hours', 0):.4g} h, "
         f"its longest pass) / ours: {verdict('speedup_per_hour', '.1f', 'x')}; target >= "
         f"{TARGET_SPEEDUP:g}x",
+        *([f"- the same, both with plain answers (the notebook's longest pass uncompressed): "
+           f"{summary['speedup_per_hour_plain']:.1f}x"] if "speedup_per_hour_plain" in summary
+          else []),
+        *([f"- the same, both with gzip-compressed answers (`gzip`, as across a network): "
+           f"{summary['speedup_per_hour_gzip']:.1f}x"] if "speedup_per_hour_gzip" in summary
+          else []),
         f"- before / after (same run): {summary['before_over_after']:.2f}x the wall time, "
         f"{summary['bytes_before_over_after']:.2f}x the JSON bytes",
     ]
@@ -712,15 +742,20 @@ def write_markdown(path: Path, payload: dict[str, Any]) -> None:
         "```",
         "",
         "(`benchmarks/report_range.py --help` for the options; everything runs on 127.0.0.1 and "
-        "is removed afterwards.) The four report runs: `before` sends one query at a time and "
-        "asks every base query at full grain (per model, version and pod), as the report did "
+        "is removed afterwards.) The five report runs: `before` sends one query at a time and "
+        "asks every base query at full grain (per model, version and pod) for gzip-compressed "
+        "answers, as the report did "
         "before (but it already sends the next chunk's queries while a chunk is derived); "
         "`narrow` also one at "
         "a time, with the queries the table reads only per model version asked for at that "
         "grain, deduplicated by the upstream; `fast` also one at a time, those and `count` "
         "first asked summed per model version and replica label set (asked again "
         "deduplicated only when an answer holds several replica label sets); `after` is what "
-        "the command does: as `fast`, `upstream.concurrency` of them in flight. `upstream s` "
+        "the command does: as `fast`, `upstream.concurrency` of them in flight; `gzip` as "
+        "`after` with `upstream.compression: gzip` (what a remote upstream gets; the others "
+        "use the default, `auto`, which asks this loopback Prometheus for plain answers). "
+        "The notebook's pattern asks for gzip as requests does; its longest pass is also run "
+        "with plain answers (`plain`), like for like. `upstream s` "
         "is Prometheus's own summed handling time of a run's range queries "
         "(`prometheus_http_request_duration_seconds`, "
         "`of which eval s`: `prometheus_engine_query_duration_seconds{slice=\"inner_eval\"}`); "
@@ -868,13 +903,15 @@ def run(args: argparse.Namespace, workdir: Path, live: list[Child],
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in VARIANTS}
     notebook: list[dict[str, Any]] = []
     longest: list[dict[str, Any]] = []
+    plain: list[dict[str, Any]] = []
     # Repetitions interleave the variants and the notebook, so all see the same machine.
     for repetition in range(args.repeat):
-        for name, concurrency, narrow, fast in VARIANTS:
+        for name, concurrency, narrow, fast, compression in VARIANTS:
             log(f"[{repetition + 1}/{args.repeat}] report {name} ...")
             spec = {"url": prom.url, "start": first, "end": end, "step": step, "chunk": chunk,
                     "window": args.window, "scrape": args.scrape, "concurrency": concurrency,
-                    "narrow": narrow, "fast": fast, "out": str(workdir / f"out-{name}")}
+                    "narrow": narrow, "fast": fast, "compression": compression,
+                    "out": str(workdir / f"out-{name}")}
             runs[name].append(measure_report(prom.url, spec, live))
             log(f" {runs[name][-1]['wall_s']:.1f} s\n")
         log(f"[{repetition + 1}/{args.repeat}] notebook pattern:")
@@ -890,6 +927,13 @@ def run(args: argparse.Namespace, workdir: Path, live: list[Child],
                                    args.window)
             longest.append({**again, "upstream": delta(upstream_stats(prom.url), before),
                             "hours": hours})
+        hours = longest[0]["hours"]
+        log(f" {hours:g}h plain")
+        before = upstream_stats(prom.url)
+        again = notebook_range(prom.url, end - hours * 3600.0, end, step, chunk, args.window,
+                               plain=True)
+        plain.append({**again, "upstream": delta(upstream_stats(prom.url), before),
+                      "hours": hours})
         log("\n")
     log("per-query profile ...")
     began = time.monotonic()
@@ -906,6 +950,8 @@ def run(args: argparse.Namespace, workdir: Path, live: list[Child],
         "repeat": args.repeat,
         "walls": {name: [r["wall_s"] for r in done] for name, done in runs.items()},
         "notebook_walls": [p["wall_s"] for p in longest],
+        "notebook_plain": median_run(plain),
+        "notebook_plain_walls": [p["wall_s"] for p in plain],
         "profile": profiled,
     }
     facts["loadavg_end"] = os.getloadavg()[0]

@@ -102,8 +102,9 @@ class Table:
             raise KeyError(f"no label column {missing}")
         if not len(self):
             return _empty(labels)
+        # The few distinct values become an array once; take() repeats them per row.
         columns: dict[str, Any] = {
-            label: pd.array(self.levels[label][self.codes[label]], dtype=self.dtypes[label])
+            label: pd.array(self.levels[label], dtype=self.dtypes[label]).take(self.codes[label])
             for label in labels
         }
         columns[VALUE] = self.value

@@ -457,7 +457,9 @@ def parse_matrix(payload: Mapping[str, Any], query: str | None = None) -> QueryR
     columns = _label_columns(metrics, ("value", "timestamp"), query)
     rows = np.repeat(np.arange(len(metrics)), counts)
     frame = pd.DataFrame(
-        {name: _labels(np.asarray(column, dtype=object)[rows]) for name, column in columns.items()}
+        # One string per series, repeated per sample by the array's own take (no Python
+        # string per row: a range answer has hundreds of rows per series).
+        {name: _labels(column).take(rows) for name, column in columns.items()}
         | {"timestamp": stamps, "value": values},
         copy=False,
     )
@@ -672,6 +674,7 @@ class PrometheusClient:
         session.auth = self._auth
         session.headers["User-Agent"] = f"triton-mig-exporter/{_version()}"
         session.headers["Accept"] = "application/json"
+        session.headers["Accept-Encoding"] = "gzip" if cfg.gzip else "identity"
         session.headers.update(cfg.headers)
         self._session = session
         self._redact_values = [

@@ -16,13 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 from conftest import Stack
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalog
+from exporter.config import UpstreamConfig
 from exporter.promserver import wait_for
+from exporter.upstream import PrometheusClient
 
 pytestmark = pytest.mark.integration
 
@@ -314,3 +317,19 @@ def test_sigterm_during_a_slow_cycle_exits_0_within_5_seconds(tmp_path: Path) ->
             proc.stderr.close()
         slow.shutdown()
         slow.server_close()
+
+
+def test_gzip_and_plain_answers_of_a_real_prometheus_are_the_same_frame(stack: Stack) -> None:
+    """``upstream.compression``: Prometheus compresses when asked, and the frames agree."""
+    at = stack.instant()
+    frames, encodings = [], []
+    for compression in ("gzip", "none"):
+        cfg = UpstreamConfig(url=stack.prom.url, compression=compression)
+        with PrometheusClient(cfg) as client:
+            client.session.hooks["response"].append(
+                lambda r, *_, **__: encodings.append(r.headers.get("Content-Encoding")))
+            query = f"rate(nv_inference_count[{stack.window:g}s])"
+            frames.append(client.range(query, at - 60, at, 1.0).frame)
+    assert encodings == ["gzip", None]
+    assert len(frames[0]) > 100
+    pd.testing.assert_frame_equal(frames[0], frames[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import io
 import json
 import logging
@@ -1347,3 +1348,58 @@ def test_tls_insecure_skip_verify_silences_warning_only_inside(
         # the filter was scoped to the request: the same warning outside still shows
         warnings.warn("outside", InsecureRequestWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["outside"]
+
+
+# === compression ================================================================================
+
+
+@pytest.mark.parametrize(
+    ("url", "compression", "asks_gzip"),
+    [
+        ("http://127.0.0.1:9090", "auto", False),
+        ("http://127.3.4.5:9090", "auto", False),
+        ("http://localhost:9090", "auto", False),
+        ("http://[::1]:9090/prometheus", "auto", False),
+        ("http://10.0.0.5:9090", "auto", True),
+        ("https://prometheus.monitoring.svc:9090", "auto", True),
+        ("http://127.0.0.1:9090", "gzip", True),
+        ("https://prometheus.example.org", "none", False),
+    ],
+)
+def test_compression_resolves_for_the_upstream_host(url: str, compression: str,
+                                                     asks_gzip: bool) -> None:
+    assert make_cfg(url, compression=compression).gzip is asks_gzip
+
+
+def test_unknown_compression_is_refused() -> None:
+    with pytest.raises(ValueError, match="compression"):
+        make_cfg(FAKE_URL, compression="brotli")
+
+
+@pytest.mark.parametrize(("compression", "sent"),
+                         [("auto", "identity"), ("gzip", "gzip"), ("none", "identity")])
+def test_accept_encoding_follows_compression(
+    server: ScriptedServer, client_for: ClientFactory, compression: str, sent: str
+) -> None:
+    client_for(server.url, compression=compression).instant("up", 1.0)
+    (seen,) = server.seen
+    assert seen.headers["accept-encoding"] == sent
+
+
+def test_a_gzip_answer_is_decoded_and_bounded_by_its_decoded_size(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    document = vector(({"model": "m"}, "2.5"))
+    body = json.dumps(document).encode() + b" " * 4096  # JSON allows trailing blanks
+    packed = gzip.compress(body)
+    zipped = Answer(body=packed, headers={"Content-Encoding": "gzip"})
+    server.answer(zipped)
+    client = client_for(server.url, compression="gzip")
+    frame = client.instant("up", 1.0).frame
+    assert frame["value"].tolist() == [2.5] and frame["model"].tolist() == ["m"]
+    # The bound counts the JSON as decoded, not the bytes on the wire.
+    server.answer(zipped)
+    small = client_for(server.url, compression="gzip", max_response_bytes=len(packed) + 100)
+    with pytest.raises(UpstreamError) as caught:
+        small.instant("up", 1.0)
+    assert caught.value.reason == "too_large"

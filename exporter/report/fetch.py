@@ -146,7 +146,8 @@ def one_replica(frame: pd.DataFrame, replicas: Collection[str]) -> bool:
     present = [label for label in replicas if label in frame.columns]
     if frame.empty or not present:
         return True
-    return len(frame[present].drop_duplicates()) <= 1
+    # One label set exactly when each label has one value (no row-wise de-duplication).
+    return all(frame[label].nunique(dropna=False) <= 1 for label in present)
 
 
 def _per_pod(narrowed: Collection[str]) -> frozenset[str]:
