@@ -573,10 +573,76 @@ def test_probes_resources_and_port() -> None:
     assert c["ports"] == [{"name": "metrics", "containerPort": PORT, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
-                              "limits": {"cpu": "500m", "memory": "512Mi"}}
-    assert "docs/benchmarks.md" in (KUSTOMIZE / "deployment.yaml").read_text()
     assert c["image"] == f"triton-mig-exporter:{project_version()}"
+
+
+#: Kubernetes quantity suffixes, decimal and binary.
+QUANTITY_FACTORS = {"": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9,
+                    "Ki": 2.0 ** 10, "Mi": 2.0 ** 20, "Gi": 2.0 ** 30}
+MIB = 2.0 ** 20
+BENCH_RESULTS = ROOT / "benchmarks" / "results"
+#: How far above a measured figure the resources must be (RSS varies from run to run and with
+#: the fleet's label values).
+HEADROOM = 1.5
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity (``100m``, ``1``, ``768Mi``) as cores or bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m|k|M|G|Ki|Mi|Gi)?", str(value))
+    assert match, f"not a quantity this test reads: {value!r}"
+    return float(match.group(1)) * QUANTITY_FACTORS[match.group(2) or ""]
+
+
+def test_quantity_reads_cores_and_bytes() -> None:
+    assert quantity("100m") == pytest.approx(0.1)
+    assert quantity("1") == quantity(1) == 1.0
+    assert quantity("768Mi") == 768 * MIB
+    assert quantity("1.5Gi") == 1536 * MIB
+    assert quantity("1G") == 1e9
+    with pytest.raises(AssertionError):
+        quantity("1 Gi")
+
+
+def measured_rss_mib() -> dict[str, float]:
+    """The served exporter's RSS in each committed benchmark run (`make bench`): the peak
+    (VmHWM, largest over the upstream modes) per fleet size of benchmarks/run.py, and the RSS
+    at the end of benchmarks/load.py as ``load``. Other result files (the report's) measure
+    another command and are skipped."""
+    rss: dict[str, float] = {}
+    for path in sorted(BENCH_RESULTS.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for result in data.get("results", []):
+            peak = max(mode["rss"]["vmhwm_mb"] for mode in result["modes"].values())
+            rss[result["size"]] = max(peak, rss.get(result["size"], 0.0))
+        if "rss_mib" in data:
+            rss["load"] = max(float(data["rss_mib"]), rss.get("load", 0.0))
+    return rss
+
+
+def test_resources_are_sized_from_the_benchmark_figures() -> None:
+    rss = measured_rss_mib()
+    assert {"S", "M", "L", "XL", "load"} <= rss.keys(), rss
+    resources = container()["resources"]
+    requests = {key: quantity(value) for key, value in resources["requests"].items()}
+    limits = {key: quantity(value) for key, value in resources["limits"].items()}
+    assert requests.keys() == limits.keys() == {"cpu", "memory"}
+    for key, requested in requests.items():
+        assert 0 < requested <= limits[key], key
+    # Requests: the default run's fleets (S to L) with headroom.
+    assert requests["memory"] >= HEADROOM * max(rss[s] for s in ("S", "M", "L")) * MIB
+    # Limits: the largest RSS measured (XL or the load run) with headroom, and that RSS plus
+    # the upstream answers a cycle may hold on top of it (docs/hardening.md, Limits).
+    largest = max(rss.values()) * MIB
+    assert limits["memory"] >= HEADROOM * largest
+    assert limits["memory"] >= largest + kubernetes_config().upstream.cycle_response_bytes
+    # CPU: the load run's exporter (50 scrapers during cycles) is not throttled.
+    load = json.loads((BENCH_RESULTS / "load.json").read_text(encoding="utf-8"))
+    assert limits["cpu"] >= round(load["cpu_cores"], 1)
+    # The comment cites the figures it was sized from and where they come from.
+    text = (KUSTOMIZE / "deployment.yaml").read_text(encoding="utf-8")
+    for cited in ("docs/benchmarks.md", "make bench", "benchmarks/results",
+                  f"{rss['XL']:.0f} MiB", f"{rss['load']:.0f} MiB"):
+        assert cited in text, cited
 
 
 def test_container_runs_the_image_entrypoint_on_the_mounted_config() -> None:
