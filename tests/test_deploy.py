@@ -1,6 +1,7 @@
 """Deployment files: the Dockerfile (hadolint, and its build replayed in a fresh venv since no
 container engine runs here), the kustomize base (Kubernetes schemas offline, the
-ServiceMonitor by hand, cross-references), and the Prometheus example (promtool)."""
+ServiceMonitor and the PrometheusRules by hand, cross-references), and the Prometheus example
+(promtool)."""
 
 from __future__ import annotations
 
@@ -758,12 +759,135 @@ def test_prometheusrule_is_listed_only_if_it_exists() -> None:
     exists = (KUSTOMIZE / "prometheusrule.yaml").is_file()
     if listed:
         assert exists
-        rule = BASE["PrometheusRule"]
-        assert rule["apiVersion"] == "monitoring.coreos.com/v1"
-        assert rule["spec"]["groups"]
+        assert prometheusrule_problems(BASE["PrometheusRule"]) == []
     if exists and not listed:
         pytest.fail("deploy/kubernetes/prometheusrule.yaml exists: add it to the resources of "
                     "deploy/kubernetes/kustomization.yaml")
+
+
+#: Group and rule fields of the PrometheusRule CRD (monitoring.coreos.com/v1).
+RULE_GROUP_FIELDS = {"name", "interval", "rules", "limit", "labels", "query_offset",
+                     "partial_response_strategy"}
+RULE_FIELDS = {"record", "alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+#: The CRD's pattern for durations (prometheus-operator's monitoringv1.Duration).
+CRD_DURATION = re.compile(r"0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+PROMETHEUSRULES = [KUSTOMIZE / "prometheusrule.yaml", ROOT / "rules" / "prometheusrule.yaml"]
+
+
+def is_duration(value: Any) -> bool:
+    return isinstance(value, str) and value != "" and CRD_DURATION.fullmatch(value) is not None
+
+
+def is_string_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and LABEL_NAME.fullmatch(k) and isinstance(v, str)
+        for k, v in value.items())
+
+
+def prometheusrule_problems(obj: dict[str, Any]) -> list[str]:
+    """What the PrometheusRule CRD's schema, and the Prometheus rule file format the operator
+    hands the rules to, would refuse in ``obj``."""
+    problems = []
+    if obj.get("apiVersion") != "monitoring.coreos.com/v1":
+        problems.append(f"apiVersion {obj.get('apiVersion')!r}")
+    if obj.get("kind") != "PrometheusRule":
+        problems.append(f"kind {obj.get('kind')!r}")
+    name = obj.get("metadata", {}).get("name")
+    if not isinstance(name, str) or len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+        problems.append(f"metadata.name {name!r}")
+    groups = obj.get("spec", {}).get("groups")
+    if not isinstance(groups, list) or not groups:
+        return [*problems, "spec.groups is empty or missing"]
+    names = [g.get("name") for g in groups]
+    if len(set(names)) != len(names):
+        problems.append(f"group names are not unique: {names}")
+    for group in groups:
+        where = f"group {group.get('name')!r}"
+        if not isinstance(group.get("name"), str) or not group["name"]:
+            problems.append(f"{where}: no name")
+        if set(group) - RULE_GROUP_FIELDS:
+            problems.append(f"{where}: unknown fields {sorted(set(group) - RULE_GROUP_FIELDS)}")
+        if "interval" in group and not is_duration(group["interval"]):
+            problems.append(f"{where}: interval {group['interval']!r}")
+        if not isinstance(group.get("rules"), list) or not group["rules"]:
+            problems.append(f"{where}: no rules")
+            continue
+        for index, rule in enumerate(group["rules"]):
+            at = f"{where} rule {index} ({rule.get('record') or rule.get('alert')})"
+            if set(rule) - RULE_FIELDS:
+                problems.append(f"{at}: unknown fields {sorted(set(rule) - RULE_FIELDS)}")
+            if not isinstance(rule.get("expr"), str) or not rule["expr"].strip():
+                problems.append(f"{at}: no expr")
+            if ("record" in rule) == ("alert" in rule):
+                problems.append(f"{at}: needs exactly one of record and alert")
+            elif "record" in rule:
+                if not isinstance(rule["record"], str) or not METRIC_NAME.fullmatch(
+                        rule["record"]):
+                    problems.append(f"{at}: record is not a metric name")
+                for only_alerts in ("for", "keep_firing_for", "annotations"):
+                    if only_alerts in rule:
+                        problems.append(f"{at}: {only_alerts} on a recording rule")
+            elif not isinstance(rule["alert"], str) or not rule["alert"]:
+                problems.append(f"{at}: empty alert name")
+            for key in ("for", "keep_firing_for"):
+                if key in rule and not is_duration(rule[key]):
+                    problems.append(f"{at}: {key} {rule[key]!r} is not a duration")
+            for key in ("labels", "annotations"):
+                if key in rule and not is_string_map(rule[key]):
+                    problems.append(f"{at}: {key} is not a map of strings")
+    return problems
+
+
+@pytest.mark.parametrize("path", PROMETHEUSRULES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_prometheusrule_has_the_crd_fields_and_valid_rules(path: Path) -> None:
+    (obj,) = load_yaml_documents(path)
+    assert prometheusrule_problems(obj) == []
+    rules = [rule for group in obj["spec"]["groups"] for rule in group["rules"]]
+    assert rules, path
+
+
+def test_prometheusrule_check_finds_each_mistake() -> None:
+    (good,) = load_yaml_documents(KUSTOMIZE / "prometheusrule.yaml")
+
+    def broken(change: Any) -> list[str]:
+        obj = json.loads(json.dumps(good))
+        change(obj)
+        return prometheusrule_problems(obj)
+
+    def group(obj: dict[str, Any]) -> dict[str, Any]:
+        first: dict[str, Any] = obj["spec"]["groups"][0]
+        return first
+
+    def rule(obj: dict[str, Any]) -> dict[str, Any]:
+        first: dict[str, Any] = group(obj)["rules"][0]
+        return first
+
+    cases = {
+        "apiVersion": lambda o: o.update(apiVersion="monitoring.coreos.com/v1beta1"),
+        "kind": lambda o: o.update(kind="PrometheusRules"),
+        "metadata.name": lambda o: o["metadata"].update(name="Triton_Rules"),
+        "spec.groups": lambda o: o["spec"].update(groups=[]),
+        "not unique": lambda o: o["spec"]["groups"].append(group(o)),
+        "unknown fields ['evaluation_interval']":
+            lambda o: group(o).update(evaluation_interval="30s"),
+        "no rules": lambda o: group(o).update(rules=[]),
+        "no expr": lambda o: rule(o).pop("expr"),
+        "exactly one": lambda o: rule(o).update(record="x:y"),
+        "unknown fields ['severity']": lambda o: rule(o).update(severity="page"),
+        "'ten minutes' is not a duration": lambda o: rule(o).update({"for": "ten minutes"}),
+        "'1.5h' is not a duration": lambda o: rule(o).update(keep_firing_for="1.5h"),
+        "labels is not a map": lambda o: rule(o).update(labels={"severity": 1}),
+        "annotations is not a map": lambda o: rule(o).update(annotations=["x"]),
+        "for on a recording rule": lambda o: rule(o).update(
+            {"record": rule(o).pop("alert") + ":x", "annotations": {}}),
+    }
+    for expected, change in cases.items():
+        problems = broken(change)
+        assert any(expected in p for p in problems), (expected, problems)
+    assert prometheusrule_problems(good) == []
 
 
 # ============================================================================================
