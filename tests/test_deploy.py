@@ -910,6 +910,14 @@ def test_prometheus_example_scrapes_the_exporter_with_honor_labels() -> None:
     assert [t.rpartition(":")[2] for t in static["targets"]] == [str(PORT)]
 
 
+def test_deploy_doc_shows_the_prometheus_example() -> None:
+    blocks = yaml_blocks((ROOT / "docs" / "deploy.md").read_text(encoding="utf-8"))
+    (shown,) = [yaml.safe_load(b) for b in blocks if b.startswith("rule_files:")]
+    example = prometheus_example()
+    assert shown["rule_files"] == example["rule_files"]
+    assert shown["scrape_configs"] == example["scrape_configs"]
+
+
 @pytest.mark.integration
 def test_promtool_accepts_the_prometheus_example(
         prometheus_binaries: promserver.PrometheusBinaries, tmp_path: Path) -> None:
