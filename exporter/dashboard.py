@@ -370,8 +370,8 @@ def _fleet(b: _Builder) -> None:
     total = b.use(":nv_inference_request_duration:mean_seconds")
     b.add(_timeseries(
         "Latency phases (fleet)",
-        "Mean time per successful request in each phase, stacked (queue, compute input, "
-        f"compute infer, compute output), against the whole request (dashed). {total.help}",
+        "Mean time per successful request in each phase, stacked, against the whole request "
+        f"(dashed). {_phase_helps(phases, total)}",
         [*(Query(s.name, _phase_legend(s.name)) for s in phases), Query(total.name, "request")],
         _unit(total), stack=True,
         overrides=[_override_total(_REF_IDS[len(phases)])],
@@ -380,6 +380,12 @@ def _fleet(b: _Builder) -> None:
 
 def _phase_legend(name: str) -> str:
     return name.split(":")[1].removeprefix("nv_inference_").removesuffix("_duration")
+
+
+def _phase_helps(phases: Sequence[catalog.Series], total: catalog.Series) -> str:
+    """Each phase's catalog help under its name, then the whole request's."""
+    return " ".join(f"{_phase_legend(s.name).replace('_', ' ').capitalize()}: {s.help}"
+                    for s in (*phases, total))
 
 
 def _override_total(ref: str) -> Json:
@@ -417,7 +423,8 @@ def _per_model(b: _Builder) -> None:
         "Latency phases: $model",
         "Mean time per successful request of the model in each phase, stacked, against the "
         "whole request (dashed); one panel per selected model. With several versions of a "
-        f"model live, the stack adds their figures: read it per version. {total.help}",
+        f"model live, the stack adds their figures: read it per version. "
+        f"{_phase_helps(phases, total)}",
         [*(Query(_selector(s.name, single), f"{_phase_legend(s.name)} v{{{{version}}}}")
            for s in phases),
          Query(_selector(total.name, single), "request v{{version}}")],
