@@ -335,6 +335,100 @@ def test_slice_labels_and_idle_threshold_come_from_the_configuration() -> None:
     assert board["refresh"] == "60s"
 
 
+def target_units(panel: dict[str, Any]) -> dict[str, str | None]:
+    """The unit each target's values are shown in, by refId: a byFrameRefID override's, else
+    the panel's default; in a table, the column the target's values become (``Value #A``,
+    renamed by the organize transformation) through its byName override."""
+    config_ = panel["fieldConfig"]
+
+    def override_unit(matcher: str, options: str) -> str | None:
+        for override in config_["overrides"]:
+            if override["matcher"] == {"id": matcher, "options": options}:
+                for prop in override["properties"]:
+                    if prop["id"] == "unit":
+                        return str(prop["value"])
+        return None
+
+    units: dict[str, str | None] = {}
+    for target in panel["targets"]:
+        ref = target["refId"]
+        if panel["type"] == "table":
+            renames: dict[str, str] = {}
+            for step in panel.get("transformations", []):
+                renames.update(step["options"].get("renameByName", {}))
+            column = renames.get(f"Value #{ref}", f"Value #{ref}")
+            units[ref] = override_unit("byName", column) or config_["defaults"].get("unit")
+        else:
+            units[ref] = override_unit("byFrameRefID", ref) or config_["defaults"].get("unit")
+    return units
+
+
+def panel_problems(panel: dict[str, Any]) -> list[str]:
+    """What a data panel lacks: a unit for each target's values, a description, and in it the
+    help text of every catalog series its queries select, shown in the catalog unit."""
+    title = panel["title"]
+    problems = []
+    description = panel.get("description", "")
+    if not description.strip():
+        problems.append(f"{title}: no description")
+    units = target_units(panel)
+    for target in panel["targets"]:
+        unit = units[target["refId"]]
+        if not unit:
+            problems.append(f"{title}: no unit for target {target['refId']}")
+        for name in sorted(metric_names(target["expr"]) & set(catalog.SERIES_BY_NAME)):
+            series = catalog.SERIES_BY_NAME[name]
+            if series.help not in description:
+                problems.append(f"{title}: the description lacks the help of {name}")
+            if unit and unit != dashboard.UNITS[series.unit]:
+                problems.append(f"{title}: {name} shown in {unit!r}, not in its catalog unit "
+                                f"{series.unit!r}")
+    return problems
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy" / "grafana").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_every_panel_has_a_unit_and_the_help_of_its_catalog_series(path: Path) -> None:
+    board = json.loads(path.read_text(encoding="utf-8"))
+    panels = [p for p in all_panels(board) if p["type"] != "row"]
+    assert panels
+    assert [problem for panel in panels for problem in panel_problems(panel)] == []
+    # Not vacuous: most panels are built from catalog series, and the table's units are its
+    # columns'.
+    catalog_panels = [p for p in panels if any(
+        metric_names(t["expr"]) & set(catalog.SERIES_BY_NAME) for t in p["targets"])]
+    assert len(catalog_panels) > len(panels) / 2
+    (table,) = [p for p in panels if p["type"] == "table"]
+    assert "unit" not in table["fieldConfig"]["defaults"]
+    assert set(target_units(table).values()) == {"percentunit"}
+
+
+def test_a_panel_without_its_unit_or_help_would_be_caught() -> None:
+    panels = {p["title"]: p for p in all_panels(default_dashboard())}
+    requests_ = panels["Requests"]
+    assert panel_problems(requests_) == []
+    requests_["description"] = requests_["description"].split(" Failed:")[0]
+    del requests_["fieldConfig"]["defaults"]["unit"]
+    assert panel_problems(requests_) == [
+        "Requests: no unit for target A",
+        "Requests: no unit for target B",
+        "Requests: the description lacks the help of :nv_inference_request_failure:rate",
+    ]
+    table = panels["Slice activity now"]
+    table["fieldConfig"]["overrides"][1]["properties"] = [
+        p for p in table["fieldConfig"]["overrides"][1]["properties"] if p["id"] != "unit"]
+    assert panel_problems(table) == ["Slice activity now: no unit for target B"]
+    drift = panels["Rate drift"]
+    drift["fieldConfig"]["defaults"]["unit"] = "none"
+    drift["description"] = " "
+    assert panel_problems(drift) == [
+        "Rate drift: no description",
+        "Rate drift: the description lacks the help of :triton_inference_rate_drift:ratio",
+        "Rate drift: :triton_inference_rate_drift:ratio shown in 'none', not in its catalog "
+        "unit 'ratio'",
+    ]
+
+
 def test_a_new_catalog_series_gets_a_panel(monkeypatch: pytest.MonkeyPatch) -> None:
     new = dataclasses.replace(catalog.SERIES_BY_NAME["model_version:nv_cache_hit:ratio"],
                               name="model_version:nv_new_thing:ratio", help="A new figure.")
