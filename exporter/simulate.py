@@ -1264,7 +1264,8 @@ class Fleet:
     # -- truth -------------------------------------------------------------------------------
 
     def truth(self, t: float, window: float, *, strict: bool = True) -> Truth:
-        """The exact value of every contract series of DESIGN.md for the window (t - window, t].
+        """The exact value of every contract series (README.md, "The contract") for the window
+        (t - window, t].
 
         Defined for windows inside one epoch (``epoch_bounds``), where loaded sets, rates and
         gauges are constant: rates are then exactly (C(t) - C(t - window)) / window for counters
