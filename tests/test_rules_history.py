@@ -1,9 +1,10 @@
 """The recording rules on backfilled history equal what ``once --at T`` prints at past instants.
 
 The live test (tests/test_rules.py) compares the rules with the exporter while a Prometheus
-scrapes the simulator. This one does it on history written after the fact: an hour of the
-simulator's scrapes, with an undeduplicated HA replica, Triton series without a model label and
-a server restart (a counter reset) in it, is written as OpenMetrics and backfilled with
+scrapes the simulator. This one does it on history written after the fact: three hours
+(``HOURS``) of the simulator's scrapes, with an undeduplicated HA replica, Triton series without
+a model label, model churn at each epoch boundary and two server restarts (counter resets, one
+while the replica is stored) in it, is written as OpenMetrics and backfilled with
 ``promtool tsdb create-blocks-from openmetrics`` into a fresh TSDB that a real Prometheus
 serves on 127.0.0.1.
 
@@ -13,7 +14,7 @@ dependency level (four levels here), loading each level's blocks into the Promet
 next is evaluated; or :func:`exporter.rules.inline_recording_rules`, which replaces each
 recorded series a rule reads by the expression that records it, so every rule is one
 expression over raw series. This test inlines: each rule is then one instant query at any
-instant chosen, such as a few seconds after the reset (promtool evaluates on the group
+instant chosen, such as a few seconds after a reset (promtool evaluates on the group
 interval's aligned instants), with no block loading or restarts between levels. What inlining
 does not run, the rule manager storing a rule's output and a later rule reading it back, is
 what the live test runs.
