@@ -248,13 +248,19 @@ def derive_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 LOAD_HEADER = (
     "scrapers", "seconds", "cycle interval", "series", "scrapes", "scrapes/s", "errors",
     "p50 / p99 / max ms", "body KiB", "gzip", "exporter CPU cores", "cycles",
-    "cycle mean s", "RSS MiB",
+    "cycle mean s", "RSS at end MiB", "peak RSS MiB",
 )
 
 
-def _na(load: Mapping[str, Any], key: str, form: str = "{}") -> str:
+#: What a figure reads as when the file has no such key.
+NA = "n/a"
+#: What a figure that older load.py runs did not record reads as.
+NOT_MEASURED = "not measured"
+
+
+def _na(load: Mapping[str, Any], key: str, form: str = "{}", missing: str = NA) -> str:
     value = load.get(key)
-    return "n/a" if value is None else form.format(value)
+    return missing if value is None else form.format(value)
 
 
 def load_rows(load: Mapping[str, Any]) -> list[list[str]]:
@@ -273,6 +279,7 @@ def load_rows(load: Mapping[str, Any]) -> list[list[str]]:
         "n/a" if gzip is None else ("yes" if gzip else "no"),
         _na(load, "cpu_cores", "{:.2f}"), _na(load, "cycles"),
         _na(load, "cycle_mean_s", "{:.3f}"), _na(load, "rss_mib", "{:.0f}"),
+        _na(load, "peak_rss_mib", "{:.0f}", NOT_MEASURED),
     ]]
 
 

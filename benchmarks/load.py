@@ -9,7 +9,8 @@ processes, so the clients' GIL is not what is measured) fetch /metrics back to b
 
 Printed: scrapes, errors (anything but a 200 with a complete body; must be 0), latency p50 /
 p99 / max, body size, and the exporter's CPU (its process CPU time over the wall time of the
-run, in cores), cycles run and their mean duration, RSS. Not a timed test: a measurement.
+run, in cores), cycles run and their mean duration, its RSS at the end and its peak RSS (VmHWM:
+the most it held at any moment of the run). Not a timed test: a measurement.
 The same figures are written as JSON to ``--json`` (default ``benchmarks/results/load.json``;
 the schema is :func:`as_json`), from which docs/benchmarks.md is rendered.
 
@@ -195,7 +196,7 @@ def command_line(argv: list[str]) -> str:
 
 def as_json(args: argparse.Namespace, *, series: float, wall: float, latencies: list[float],
             errors: int, size: int, cpu: float, cycles: float, cycle_mean: float,
-            rss_mib: float, command: str) -> dict[str, Any]:
+            rss_mib: float, peak_rss_mib: float, command: str) -> dict[str, Any]:
     """The run as JSON: exactly these keys (docs/benchmarks.md is rendered from them)."""
     def ms(seconds: float) -> float:
         return round(seconds * 1000, 1)
@@ -217,6 +218,7 @@ def as_json(args: argparse.Namespace, *, series: float, wall: float, latencies: 
         "cycles": int(cycles),
         "cycle_mean_s": round(cycle_mean, 3),
         "rss_mib": round(rss_mib, 1),
+        "peak_rss_mib": round(peak_rss_mib, 1),
         "command": command,
     }
 
@@ -325,7 +327,8 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[str]) -> int:
         print(f"  error: {sample}")
     document = as_json(args, series=series, wall=wall, latencies=latencies, errors=errors,
                        size=size, cpu=cpu, cycles=cycles, cycle_mean=cycle_mean,
-                       rss_mib=memory["VmRSS"], command=args.command)
+                       rss_mib=memory["VmRSS"], peak_rss_mib=memory["VmHWM"],
+                       command=args.command)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     print(f"results written to {args.json}")
