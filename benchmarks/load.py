@@ -6,15 +6,20 @@ version) pairs, 500 MIG slices). ``python -m exporter serve`` runs against it in
 (cycles every ``--interval``), and ``--scrapers`` clients (threads spread over ``--procs``
 processes, so the clients' GIL is not what is measured) fetch /metrics back to back for
 ``--seconds``, with ``Accept-Encoding: gzip`` as Prometheus sends it (``--no-gzip``: plain).
+Then, against the same exporter and still while cycles run, one scraper (in one process) does
+the same for ``--one-scraper-seconds`` with gzip, the way Prometheus scrapes, and as long
+again without (0 skips both).
 
 Printed: scrapes, errors (anything but a 200 with a complete body; must be 0), latency p50 /
 p99 / max, body size, and the exporter's CPU (its process CPU time over the wall time of the
 run, in cores), cycles run and their mean duration, its RSS at the end and its peak RSS (VmHWM:
-the most it held at any moment of the run). Not a timed test: a measurement.
+the most it held at any moment of the run); for each one-scraper run its scrapes, errors,
+latencies and body size. Not a timed test: a measurement.
 The same figures are written as JSON to ``--json`` (default ``benchmarks/results/load.json``;
 the schema is :func:`as_json`), from which docs/benchmarks.md is rendered.
 
     .venv/bin/python benchmarks/load.py [--scrapers 50] [--seconds 30] [--interval 10s]
+        [--one-scraper-seconds 20]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -175,6 +181,82 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+@dataclass(frozen=True)
+class Scraping:
+    """What the scrapers of one run saw: every latency, the errors, the median body."""
+
+    latencies: list[float]
+    errors: int
+    samples: list[str]  # the first few error messages of each process
+    body_bytes: int
+    wall: float  # seconds, measured
+
+    def figures(self) -> dict[str, Any]:
+        """Scrapes, errors, latencies (ms) and body size: the JSON keys of every run."""
+        lat = self.latencies
+        return {
+            "scrapes": len(lat),
+            "errors": self.errors,
+            "p50_ms": ms(statistics.median(lat)) if lat else 0.0,
+            "p99_ms": ms(percentile(lat, 0.99)) if lat else 0.0,
+            "max_ms": ms(max(lat)) if lat else 0.0,
+            "body_bytes": self.body_bytes,
+        }
+
+    def report(self, gzip: bool) -> None:
+        lat = self.latencies
+        print(f"scrapes: {len(lat)} ({len(lat) / self.wall:.1f}/s), errors: {self.errors}")
+        if lat:
+            print(f"latency: p50 {statistics.median(lat) * 1000:.0f} ms, p99 "
+                  f"{percentile(lat, 0.99) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms; "
+                  f"body {self.body_bytes / 1e6:.2f} MB ({'gzip' if gzip else 'plain'})")
+        for sample in self.samples:
+            print(f"  error: {sample}")
+
+
+def scrape(host: str, port: int, scrapers: int, procs: int, seconds: float,
+           gzip: bool) -> Scraping:
+    """``scrapers`` threads over ``procs`` client processes, back to back for ``seconds``."""
+    procs = max(1, min(procs, scrapers))
+    shares = [scrapers // procs + (i < scrapers % procs) for i in range(procs)]
+    started = time.monotonic()
+    with ProcessPoolExecutor(procs) as pool:
+        results = list(pool.map(scrape_worker, [host] * procs, [port] * procs, shares,
+                                [seconds] * procs, [gzip] * procs))
+    return Scraping(latencies=[x for r in results for x in r[0]],
+                    errors=sum(r[1] for r in results),
+                    samples=[e for r in results for e in r[2]],
+                    body_bytes=max(r[3] for r in results),
+                    wall=time.monotonic() - started)
+
+
+def cycles_between(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """Cycles run between two reads of the self-metrics, and their mean duration."""
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    cycles = delta(PREFIX + "cycle_duration_seconds_count")
+    return cycles, delta(PREFIX + "cycle_duration_seconds_sum") / cycles if cycles else 0.0
+
+
+def one_scraper(host: str, port: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """One scraper for ``seconds`` with gzip (as Prometheus scrapes), then one without."""
+    out = {}
+    for gzip in (True, False):
+        print(f"one scraper for {seconds:g} s, {'gzip' if gzip else 'plain'}", flush=True)
+        before = self_metrics(host, port)
+        run = scrape(host, port, 1, 1, seconds, gzip)
+        cycles, _ = cycles_between(before, self_metrics(host, port))
+        run.report(gzip)
+        out["gzip" if gzip else "plain"] = {"seconds": round(run.wall, 2), **run.figures(),
+                                             "cycles": int(cycles)}
+    return out
+
+
 def machine() -> dict[str, Any]:
     cpu = bench_report.cpu_model()
     return {
@@ -194,31 +276,27 @@ def command_line(argv: list[str]) -> str:
     return shlex.join([str(python), "benchmarks/load.py", *argv])
 
 
-def as_json(args: argparse.Namespace, *, series: float, wall: float, latencies: list[float],
-            errors: int, size: int, cpu: float, cycles: float, cycle_mean: float,
-            rss_mib: float, peak_rss_mib: float, command: str) -> dict[str, Any]:
-    """The run as JSON: exactly these keys (docs/benchmarks.md is rendered from them)."""
-    def ms(seconds: float) -> float:
-        return round(seconds * 1000, 1)
+def as_json(args: argparse.Namespace, *, series: float, main: Scraping, cpu: float,
+            cycles: float, cycle_mean: float, rss_mib: float, peak_rss_mib: float,
+            one: dict[str, dict[str, Any]] | None, command: str) -> dict[str, Any]:
+    """The run as JSON: exactly these keys (docs/benchmarks.md is rendered from them).
 
+    ``one_scraper`` is ``{"gzip": {...}, "plain": {...}}``, each with ``seconds``, the keys of
+    :meth:`Scraping.figures` and ``cycles``; null when ``--one-scraper-seconds`` is 0."""
     return {
         "machine": machine(),
         "scrapers": args.scrapers,
-        "seconds": round(wall, 2),  # measured, so scrapes / seconds is the rate
+        "seconds": round(main.wall, 2),  # measured, so scrapes / seconds is the rate
         "interval": args.interval,
         "series": int(series),
-        "scrapes": len(latencies),
-        "errors": errors,
-        "p50_ms": ms(statistics.median(latencies)) if latencies else 0.0,
-        "p99_ms": ms(percentile(latencies, 0.99)) if latencies else 0.0,
-        "max_ms": ms(max(latencies)) if latencies else 0.0,
-        "body_bytes": size,
+        **main.figures(),
         "gzip": bool(args.gzip),
-        "cpu_cores": round(cpu / wall, 3) if wall else 0.0,
+        "cpu_cores": round(cpu / main.wall, 3) if main.wall else 0.0,
         "cycles": int(cycles),
         "cycle_mean_s": round(cycle_mean, 3),
         "rss_mib": round(rss_mib, 1),
         "peak_rss_mib": round(peak_rss_mib, 1),
+        "one_scraper": one,
         "command": command,
     }
 
@@ -235,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-pod", type=int, default=60, help="pairs each pod serves")
     parser.add_argument("--slices", type=int, default=500)
     parser.add_argument("--no-gzip", dest="gzip", action="store_false")
+    parser.add_argument("--one-scraper-seconds", type=float, default=20.0,
+                        help="then one scraper this long with gzip and as long without "
+                        "(0: skip; default %(default)s)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="write the results here as JSON (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -293,45 +374,26 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[str]) -> int:
     print(f"exporter ready: {series:.0f} derived series; {args.scrapers} scrapers for "
           f"{args.seconds:g} s, cycles every {args.interval}", flush=True)
 
-    before, cpu_before, wall_before = metrics, cpu_seconds(proc.pid), time.monotonic()
-    procs = max(1, min(args.procs, args.scrapers))
-    shares = [args.scrapers // procs + (i < args.scrapers % procs) for i in range(procs)]
-    with ProcessPoolExecutor(procs) as pool:
-        results = list(pool.map(scrape_worker, [host] * procs, [port] * procs, shares,
-                                [args.seconds] * procs, [args.gzip] * procs))
-    wall = time.monotonic() - wall_before
+    before, cpu_before = metrics, cpu_seconds(proc.pid)
+    main = scrape(host, port, args.scrapers, args.procs, args.seconds, args.gzip)
     cpu = cpu_seconds(proc.pid) - cpu_before
     after = self_metrics(host, port)
-
-    latencies = [x for r in results for x in r[0]]
-    errors = sum(r[1] for r in results)
-    samples = [e for r in results for e in r[2]]
-    size = max(r[3] for r in results)
-
-    def delta(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    cycles = delta(PREFIX + "cycle_duration_seconds_count")
-    cycle_mean = delta(PREFIX + "cycle_duration_seconds_sum") / cycles if cycles else 0.0
+    cycles, cycle_mean = cycles_between(before, after)
+    outcomes = [k.split("=")[1] for k in after
+                if "cycles_total," in k and after[k] != before.get(k, 0.0)]
+    main.report(args.gzip)
+    print(f"exporter CPU: {cpu:.1f} s over {main.wall:.1f} s = {cpu / main.wall:.2f} cores; "
+          f"{cycles:.0f} cycles ran, mean {cycle_mean:.2f} s; cycle outcomes {outcomes}")
+    one = one_scraper(host, port, args.one_scraper_seconds) if args.one_scraper_seconds else None
     memory = memory_mib(proc.pid)
-    print(f"scrapes: {len(latencies)} ({len(latencies) / wall:.1f}/s), errors: {errors}")
-    if latencies:
-        print(f"latency: p50 {statistics.median(latencies) * 1000:.0f} ms, p99 "
-              f"{percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; "
-              f"body {size / 1e6:.2f} MB ({'gzip' if args.gzip else 'plain'})")
-    print(f"exporter CPU: {cpu:.1f} s over {wall:.1f} s = {cpu / wall:.2f} cores; "
-          f"{cycles:.0f} cycles ran, mean {cycle_mean:.2f} s; RSS {memory['VmRSS']:.0f} MiB "
-          f"(peak {memory['VmHWM']:.0f} MiB); "
-          f"cycle outcomes {[k.split('=')[1] for k in after if 'cycles_total,' in k and delta(k)]}")
-    for sample in samples:
-        print(f"  error: {sample}")
-    document = as_json(args, series=series, wall=wall, latencies=latencies, errors=errors,
-                       size=size, cpu=cpu, cycles=cycles, cycle_mean=cycle_mean,
-                       rss_mib=memory["VmRSS"], peak_rss_mib=memory["VmHWM"],
-                       command=args.command)
+    print(f"exporter RSS {memory['VmRSS']:.0f} MiB (peak {memory['VmHWM']:.0f} MiB)")
+    document = as_json(args, series=series, main=main, cpu=cpu, cycles=cycles,
+                       cycle_mean=cycle_mean, rss_mib=memory["VmRSS"],
+                       peak_rss_mib=memory["VmHWM"], one=one, command=args.command)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     print(f"results written to {args.json}")
+    errors = main.errors + sum(r["errors"] for r in (one or {}).values())
     return 1 if errors else 0
 
 
