@@ -137,7 +137,22 @@ def _load_section(load: Mapping[str, Any]) -> list[str]:
         f"- machine: {bench_report.load_machine(load)}",
         "",
         bench_report.markdown_table(bench_report.LOAD_HEADER, bench_report.load_rows(load)),
+        "",
+        "### One scraper, the way Prometheus scrapes",
+        "",
+        "Then against the same exporter, still while cycles run: one client (one process) "
+        "fetching /metrics back to back, with gzip and then without.",
+        "",
+        *_one_scraper_table(load),
+        *[f"- {line}" for line in bench_report.load_reading(load)],
     ]
+
+
+def _one_scraper_table(load: Mapping[str, Any]) -> list[str]:
+    rows = bench_report.one_scraper_rows(load)
+    if not rows:
+        return [f"One scraper: {bench_report.NOT_MEASURED} (this run predates it).", ""]
+    return [bench_report.markdown_table(bench_report.ONE_SCRAPER_HEADER, rows), ""]
 
 
 def render(payload: Mapping[str, Any], extras: Sequence[Mapping[str, Any]],

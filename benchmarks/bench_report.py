@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from exporter.config import parse_duration
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, for the machine facts printed with every run."""
@@ -263,24 +265,119 @@ def _na(load: Mapping[str, Any], key: str, form: str = "{}", missing: str = NA) 
     return missing if value is None else form.format(value)
 
 
+def _number(run: Mapping[str, Any], key: str) -> float | None:
+    value = run.get(key)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _rate(run: Mapping[str, Any]) -> str:
+    scrapes, seconds = _number(run, "scrapes"), _number(run, "seconds")
+    return NA if scrapes is None or not seconds else f"{scrapes / seconds:.0f}"
+
+
+def _latencies(run: Mapping[str, Any]) -> str:
+    return " / ".join(_na(run, key, "{:.1f}") for key in ("p50_ms", "p99_ms", "max_ms"))
+
+
+def _body(run: Mapping[str, Any]) -> str:
+    body = _number(run, "body_bytes")
+    return NA if body is None else _kb(body)
+
+
 def load_rows(load: Mapping[str, Any]) -> list[list[str]]:
     """The one row of benchmarks/load.py's results (any key may be missing: n/a)."""
-    scrapes, seconds = load.get("scrapes"), load.get("seconds")
-    rate = (f"{scrapes / seconds:.0f}" if isinstance(scrapes, int | float)
-            and isinstance(seconds, int | float) and seconds else "n/a")
-    body = load.get("body_bytes")
     gzip = load.get("gzip")
     return [[
         _na(load, "scrapers"), _na(load, "seconds", "{:g}"), _na(load, "interval"),
-        _na(load, "series", "{:,}"), _na(load, "scrapes", "{:,}"), rate, _na(load, "errors"),
-        f"{_na(load, 'p50_ms', '{:.1f}')} / {_na(load, 'p99_ms', '{:.1f}')} / "
-        f"{_na(load, 'max_ms', '{:.1f}')}",
-        _kb(body) if isinstance(body, int | float) else "n/a",
+        _na(load, "series", "{:,}"), _na(load, "scrapes", "{:,}"), _rate(load),
+        _na(load, "errors"), _latencies(load), _body(load),
         "n/a" if gzip is None else ("yes" if gzip else "no"),
         _na(load, "cpu_cores", "{:.2f}"), _na(load, "cycles"),
         _na(load, "cycle_mean_s", "{:.3f}"), _na(load, "rss_mib", "{:.0f}"),
         _na(load, "peak_rss_mib", "{:.0f}", NOT_MEASURED),
     ]]
+
+
+ONE_SCRAPER_HEADER = (
+    "scraper", "seconds", "cycles meanwhile", "scrapes", "scrapes/s", "errors",
+    "p50 / p99 / max ms", "body KiB",
+)
+#: The performance issue's target for /metrics: this p99 at this many derived series.
+TARGET_P99_MS = 10.0
+TARGET_SERIES = 100_000
+
+
+def one_scraper_runs(load: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """load.py's one-scraper runs by encoding (``gzip``, ``plain``); empty before it had them."""
+    one = load.get("one_scraper")
+    if not isinstance(one, Mapping):
+        return {}
+    return {name: run for name, run in one.items() if isinstance(run, Mapping)}
+
+
+def one_scraper_rows(load: Mapping[str, Any]) -> list[list[str]]:
+    """A row per one-scraper run (any key may be missing: n/a)."""
+    return [[name, _na(run, "seconds", "{:g}"), _na(run, "cycles"), _na(run, "scrapes", "{:,}"),
+             _rate(run), _na(run, "errors"), _latencies(run), _body(run)]
+            for name, run in one_scraper_runs(load).items()]
+
+
+def load_reading(load: Mapping[str, Any]) -> list[str]:
+    """The target against the one-scraper runs, and what bounds the plain one."""
+    runs = one_scraper_runs(load)
+    gz, plain = runs.get("gzip", {}), runs.get("plain", {})
+    series = _number(load, "series")
+    at = NA if series is None else f"{series:,.0f}"
+    lines = []
+    target = (f"Target (the performance issue): `/metrics` p99 at most {TARGET_P99_MS:g} ms with "
+              f"{TARGET_SERIES // 1000}k derived series.")
+    p99 = _number(gz, "p99_ms")
+    if p99 is None:
+        lines.append(f"{target} One scraper with gzip: {NOT_MEASURED} in this run.")
+    else:
+        verdict = "meets it" if p99 <= TARGET_P99_MS else "does not meet it"
+        if series is None or series < TARGET_SERIES:
+            verdict += f" (at fewer series than the target's {TARGET_SERIES:,})"
+        if gz.get("errors"):
+            verdict += f", with {gz['errors']} errors"
+        lines.append(f"{target} One scraper with gzip, as Prometheus scrapes, at {at} series: "
+                     f"p99 {p99:.1f} ms, which {verdict}.")
+        lines += _cycle_share(load, gz)
+    plain_body, gz_body = _number(plain, "body_bytes"), _number(gz, "body_bytes")
+    p50 = _number(plain, "p50_ms")
+    if plain_body is None or p50 is None:
+        lines.append(f"Plain (no gzip), one scraper: {NOT_MEASURED} in this run.")
+    else:
+        ratio = f", {plain_body / gz_body:.0f}x the gzip body" if gz_body else ""
+        lines.append(
+            f"Plain (no gzip), one scraper: each body is {plain_body / 1e6:.1f} MB{ratio}, "
+            f"p50 / p99 {p50:.1f} / {_na(plain, 'p99_ms', '{:.1f}')} ms. The body is rendered "
+            "once per cycle, so what bounds a plain scrape is its size carried through "
+            "Python's HTTP stack at both ends (the exporter's `http.server` writing it, the "
+            f"client's `http.client` reading it): {plain_body / 1e6 / (p50 / 1000):.0f} MB/s "
+            "at p50. Prometheus asks for gzip.")
+    p99_all = _number(load, "p99_ms")
+    if p99_all is not None:
+        lines.append(f"The {_na(load, 'scrapers')} scrapers of the first table fetch back to "
+                     f"back ({_rate(load)} scrapes/s, where Prometheus sends one per scrape "
+                     f"interval): a stress test of the HTTP path, not the target's case; "
+                     f"their p99 is {p99_all:.1f} ms.")
+    return lines
+
+
+def _cycle_share(load: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+    """How much of the time cycles ran: what a back-to-back scraper's p99 underweights."""
+    cycle, interval = _number(load, "cycle_mean_s"), load.get("interval")
+    with contextlib.suppress(ValueError):
+        every = parse_duration(interval)
+        if cycle and every:
+            return [f"That p99 counts scrapes: back to back, one scraper makes many between "
+                    f"cycles and few while a cycle holds the interpreter, where the slow ones "
+                    f"are (max {_na(run, 'max_ms', '{:.1f}')} ms). Scraping at a fixed "
+                    f"interval, as Prometheus does, a scrape overlaps a cycle about as often "
+                    f"as cycles run: {cycle:.1f} s every {interval} here, "
+                    f"{min(1.0, cycle / every):.0%} of the time."]
+    return []
 
 
 def load_machine(load: Mapping[str, Any]) -> str:
