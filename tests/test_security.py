@@ -22,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,9 @@ from fakes import (
 
 from exporter import config, web
 from exporter.config import Config
-from exporter.promserver import wait_for
+from exporter.promserver import free_port, wait_for
 from exporter.service import QUIET_LOGGERS, Service
+from exporter.upstream import PrometheusClient, UpstreamError
 from exporter.web import hash_password, verify_password
 
 pytestmark = pytest.mark.integration
@@ -209,6 +211,89 @@ def test_serve_at_debug_level_never_leaks_the_credentials(
         assert secret not in metrics
         assert secret not in repr(config.load(tmp_path / "exporter.yaml", environ={}))
     assert "Traceback" not in log
+
+
+# --- exception traces -------------------------------------------------------------------------
+
+
+def chain(error: BaseException) -> list[BaseException]:
+    """The error and every exception it carries: its cause and its context, even one that
+    ``raise ... from None`` keeps from being printed (a debugger or a handler can still reach
+    it)."""
+    out: list[BaseException] = []
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e not in out:
+            out.append(e)
+            todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return out
+
+
+def query_error(cfg: config.UpstreamConfig) -> UpstreamError:
+    """What the client raises for one query. The traceback starts in this frame, whose locals
+    hold the credentials only inside the validated configuration (SecretStr), as the exporter
+    holds them: the raw mapping stays in the caller's frame."""
+    with PrometheusClient(cfg) as client, pytest.raises(UpstreamError) as caught:
+        client.instant("up", time.time())
+    return caught.value
+
+
+@pytest.mark.parametrize("auth", ["bearer_token", "basic_auth"])
+def test_exception_traces_never_show_the_credentials(
+    auth: str, pki: PKI, cleanup: contextlib.ExitStack
+) -> None:
+    """Errors the upstream client raises, printed as a traceback would print them and with every
+    frame's local variables (``capture_locals``, as some error trackers send them), never hold
+    the token or the password: not in the message, not in a local of our code."""
+    if auth == "bearer_token":
+        credentials: dict[str, Any] = {"bearer_token": TOKEN}
+        secrets = [TOKEN]
+    else:
+        credentials = {"basic_auth": {"username": "exporter", "password": PASSWORD}}
+        secrets = [PASSWORD, base64.b64encode(f"exporter:{PASSWORD}".encode()).decode(),
+                   json.dumps(PASSWORD)[1:-1]]
+    refused = f"http://127.0.0.1:{free_port()}"
+    echo = start_fake(cleanup)
+    echo.answer = lambda seen: Reply(401, encode({
+        "status": "error", "errorType": "unauthorized",
+        "error": f"bad credentials: {seen.headers.get('authorization')}"}))
+    slow = start_fake(cleanup)
+    slow.answer = lambda seen: Reply(body=encode(payload([])), delay=5.0)
+    cut = start_fake(cleanup)  # announces 1000 bytes, sends 10 and hangs up
+    cut.answer = lambda seen: Reply(body=iter([b'{"status":']), headers={"Content-Length": "1000"})
+    tls = start_fake(cleanup, tls=pki.server_context())  # signed by a CA the client does not know
+    cases = {  # upstream settings, reason, what the message says
+        "connection refused": ({"url": refused}, "connection", "Connection refused"),
+        "401 echoing the credentials": ({"url": echo.url}, "http_4xx",
+                                        "HTTP 401: unauthorized: bad credentials: "),
+        "timeout": ({"url": slow.url, "timeout": "200ms", "retries": 0}, "timeout",
+                    "no answer from"),
+        "answer cut short": ({"url": cut.url}, "connection", "reading the answer"),
+        "certificate not trusted": ({"url": tls.url}, "connection",
+                                    "CERTIFICATE_VERIFY_FAILED"),
+    }
+    for case, (upstream, reason, says) in cases.items():
+        mapping = exporter_config(**upstream, **credentials)
+        error = query_error(config.from_mapping(mapping, environ={}).upstream)
+        assert error.reason == reason and says in str(error), (case, error)
+        assert "<redacted>" in str(error) or case != "401 echoing the credentials", error
+        printed = "".join(traceback.format_exception(error))
+        with_locals = "".join(
+            traceback.TracebackException.from_exception(error, capture_locals=True).format())
+        for text in (str(error), repr(error), printed, with_locals):
+            assert not [s for s in secrets if s in text], (case, text)
+        # Frame by frame, the whole chain: requests, urllib3 and http.client keep the request's
+        # headers (Authorization among them) in their frames' locals, so an error raised while
+        # one of theirs is being handled would carry those frames in its context, printed or
+        # not. The client raises its errors outside the handler: the chain is ours alone.
+        for e in chain(error):
+            stack = traceback.TracebackException.from_exception(e, capture_locals=True).stack
+            for frame in stack:
+                shown = f"{frame.line} " + " ".join(f"{k}={v}" for k, v in
+                                                     (frame.locals or {}).items())
+                leaked = [s for s in secrets if s in shown]
+                assert not leaked, (case, frame.filename, frame.lineno, frame.name, shown)
 
 
 # --- TLS to the upstream ------------------------------------------------------------------------
