@@ -53,7 +53,7 @@ from exporter.config import Config
 from exporter.promserver import free_port, wait_for
 from exporter.service import QUIET_LOGGERS, Service
 from exporter.upstream import PrometheusClient, UpstreamError
-from exporter.web import hash_password, verify_password
+from exporter.web import bcrypt_hash, hash_password, verify_password
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +71,9 @@ class PKI:
     ca: Path
     cert: Path
     key: Path
+    #: A client certificate signed by the CA, and one signed by nobody the server knows.
+    client: tuple[str, str]
+    stranger: tuple[str, str]
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -99,7 +102,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
         "-set_serial", "2", "-days", "2", "-out", "cert.pem", "-extfile", "server.ext")
-    return PKI(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+    client_ext = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+    (folder / "client.ext").write_text("basicConstraints=CA:FALSE\n" + client_ext)
+    run("req", *ec, "-keyout", "client-key.pem", "-out", "client.csr", "-subj", "/CN=prometheus")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+        "-set_serial", "3", "-days", "2", "-out", "client.pem", "-extfile", "client.ext")
+    run("req", "-x509", *ec, "-keyout", "stranger-key.pem", "-out", "stranger.pem", "-days", "2",
+        "-subj", "/CN=prometheus", "-addext", "extendedKeyUsage=clientAuth")
+    return PKI(folder / "ca.pem", folder / "cert.pem", folder / "key.pem",
+               (str(folder / "client.pem"), str(folder / "client-key.pem")),
+               (str(folder / "stranger.pem"), str(folder / "stranger-key.pem")))
 
 
 @pytest.fixture
@@ -376,6 +388,55 @@ def test_ca_bundle_and_metrics_over_tls_behind_basic_auth(
     assert not [line for line in serve.lines if SCRAPE_PASSWORD in line]
 
 
+# --- an exporter-toolkit web configuration file ------------------------------------------------
+
+
+def test_web_config_file_serves_tls_verifies_client_certificates_and_bcrypt_users(
+    pki: PKI, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """``serve --web.config.file``, exporter-toolkit's format: the certificate named relative to
+    the file, client certificates required and verified against a CA, users with bcrypt hashes
+    ($2b$ as hash-password writes them, $2y$ as htpasswd -B does). A real HTTPS client."""
+    fake = start_fake(cleanup)
+    folder = tmp_path / "web"
+    folder.mkdir()
+    shutil.copy(pki.cert, folder / "tls.crt")
+    shutil.copy(pki.key, folder / "tls.key")
+    web_config = folder / "web-config.yml"
+    web_config.write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key",
+                              "client_auth_type": "RequireAndVerifyClientCert",
+                              "client_ca_file": str(pki.ca)},
+        "basic_auth_users": {
+            "prometheus": bcrypt_hash(SCRAPE_PASSWORD, 4),
+            "grafana": bcrypt_hash(PASSWORD, 4).replace("$2b$", "$2y$", 1),
+        },
+    }))
+    serve = start_serve(cleanup, exporter_config(fake.url), tmp_path,
+                        "--web.config.file", str(web_config), verify=str(pki.ca),
+                        auth=("prometheus", SCRAPE_PASSWORD), cert=pki.client)
+    assert serve.url.startswith("https://127.0.0.1:")
+    s = serve.until(lambda s: FLEET_RATE in s, 10, "derived figures over TLS")
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+
+    assert serve.get("/metrics", auth=("grafana", PASSWORD)).status_code == 200
+    for auth in (None, ("prometheus", "wrong"), ("nobody", SCRAPE_PASSWORD),
+                 ("grafana", SCRAPE_PASSWORD)):
+        refused = serve.get("/metrics", auth=auth)
+        assert refused.status_code == 401, auth
+        assert refused.headers["WWW-Authenticate"].startswith('Basic realm="triton-mig-exporter"')
+        assert PREFIX not in refused.text
+    assert serve.get("/healthz", auth=None).status_code == 200  # a certificate, no password
+    # No client certificate, or one the CA did not sign: no TLS session, so no answer at all.
+    for cert in (None, pki.stranger):
+        with pytest.raises(requests.exceptions.ConnectionError):
+            serve.get("/healthz", cert=cert)
+    assert serve.get("/metrics").status_code == 200  # and the server still answers
+    finish(serve)
+    log = "\n".join(serve.lines)
+    assert SCRAPE_PASSWORD not in log and PASSWORD not in log
+
+
 # --- in-process: password hashes and the start-up warning -------------------------------------
 
 
@@ -392,6 +453,25 @@ def test_password_hashes() -> None:
     assert check(header) and check(header)  # the second from the cache
     assert not check(None) and not check("Bearer x") and not check("Basic !!!")
     assert not check("Basic " + base64.b64encode(b"u:wrong").decode())
+
+
+def test_bcrypt_hashes() -> None:
+    hashed = bcrypt_hash("correct horse", 4)
+    assert config.BCRYPT_HASH.match(hashed) and hashed.startswith("$2b$04$")
+    assert verify_password("correct horse", hashed)
+    assert not verify_password("correct horse ", hashed)
+    for prefix in ("$2y$", "$2a$"):  # htpasswd -B writes $2y$; the same algorithm
+        assert verify_password("correct horse", hashed.replace("$2b$", prefix, 1))
+    # bcrypt reads 72 bytes: a longer password is refused, never matched on its start.
+    long = "x" * 72
+    assert verify_password(long, bcrypt_hash(long, 4))
+    assert not verify_password(long + "y", bcrypt_hash(long, 4))
+    with pytest.raises(ValueError, match="at most 72 bytes"):
+        bcrypt_hash(long + "y")
+    check = web.BasicAuth({"u": hashed})
+    assert config.BCRYPT_HASH.match(check._dummy).group(1) == "04"  # type: ignore[union-attr]
+    assert check("Basic " + base64.b64encode(b"u:correct horse").decode())
+    assert not check("Basic " + base64.b64encode(b"nobody:correct horse").decode())
 
 
 @pytest.fixture
