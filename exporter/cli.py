@@ -32,7 +32,7 @@ from exporter import (
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.service import Service, wait_for_signal
-from exporter.web import hash_password
+from exporter.web import bcrypt_hash, hash_password
 from exporter.worker import compute, evaluation_time, exposition, series_labels
 
 log = logging.getLogger("exporter")
@@ -73,6 +73,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_web_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--web.config.file", dest="web_config_file", type=Path, default=None,
+        help="exporter-toolkit web configuration file: TLS, client certificates and basic auth "
+        "on /metrics (overrides web.config_file)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triton-mig-exporter",
@@ -88,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.listen-address", dest="listen_address", default=None,
         help="HOST:PORT to serve /metrics on (default from config: :9410)",
     )
+    _add_web_config_flag(serve)
 
     once = sub.add_parser("once", help="run one cycle and print the exposition to stdout")
     _add_config_flags(once)
@@ -100,11 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config.file", dest="config_file", type=Path, default=None)
     check.add_argument("config_path", nargs="?", type=Path, default=None,
                        help="the file to check (same as --config.file)")
+    _add_web_config_flag(check)
 
-    sub.add_parser(
+    hashing = sub.add_parser(
         "hash-password",
         help="read a password on stdin (not echoed on a terminal) and print its hash for "
-        "web.basic_auth_users",
+        "basic_auth_users",
+    )
+    hashing.add_argument(
+        "--algorithm", choices=["bcrypt", "pbkdf2-sha256"], default="bcrypt",
+        help="bcrypt (default; what exporter-toolkit's web config takes) or pbkdf2-sha256 "
+        "(passlib's format)",
     )
 
     _add_config_flags(sub.add_parser(
@@ -130,19 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(args: argparse.Namespace) -> Config:
+def load_config(args: argparse.Namespace, path: Path | None = None) -> Config:
     overrides: dict[str, Any] = {}
     if getattr(args, "upstream", None):
         overrides["upstream"] = {"url": args.upstream}
-    if getattr(args, "listen_address", None):
-        overrides["web"] = {"listen_address": args.listen_address}
-    return config.load(args.config_file, overrides=overrides)
+    web = {"listen_address": getattr(args, "listen_address", None),
+           "config_file": getattr(args, "web_config_file", None)}
+    if any(web.values()):
+        overrides["web"] = {key: str(value) for key, value in web.items() if value}
+    return config.load(path or args.config_file, overrides=overrides)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.config_file or args.config_path
-    config.load(path)
+    load_config(args, path)
     print(f"{path or '<defaults>'}: ok")
+    if args.web_config_file is not None:
+        print(f"{args.web_config_file}: ok")
     return 0
 
 
@@ -206,7 +225,14 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         problem = "the two passwords differ" if password is None else "empty password"
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    print(hash_password(password))
+    if args.algorithm == "pbkdf2-sha256":
+        print(hash_password(password))
+        return 0
+    try:
+        print(bcrypt_hash(password))
+    except ValueError as error:
+        print(f"error: {error}; use --algorithm pbkdf2-sha256 for a longer one", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

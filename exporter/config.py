@@ -127,8 +127,10 @@ def _no_key_password() -> bytes:
     return b""  # an encrypted key fails to load instead of prompting on the terminal
 
 
-def _check_cert_and_key(cert: Path, key: Path) -> None:
-    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+def _check_cert_and_key(
+    cert: Path, key: Path, names: tuple[str, str] = ("tls_cert_file", "tls_key_file")
+) -> None:
+    for name, path in zip(names, (cert, key), strict=True):
         if not path.is_file():
             raise ValueError(f"{name}: {path} is not a readable file")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -136,7 +138,7 @@ def _check_cert_and_key(cert: Path, key: Path) -> None:
         context.load_cert_chain(str(cert), str(key), password=_no_key_password)
     except (OSError, ssl.SSLError) as error:
         raise ValueError(
-            f"tls_cert_file: cannot load {cert} with key {key} (PEM, key not encrypted, "
+            f"{names[0]}: cannot load {cert} with key {key} (PEM, key not encrypted, "
             f"matching the certificate): {_why(error)}"
         ) from None
 
@@ -310,12 +312,36 @@ class EvaluationConfig(_Strict):
         return self.staleness if self.staleness is not None else 3 * self.interval
 
 
-#: A password hash for web.basic_auth_users, in passlib's pbkdf2-sha256 format:
+#: A password hash for basic auth, in passlib's pbkdf2-sha256 format:
 #: ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>``, salt and checksum in "adapted base64" (``./``
-#: instead of ``+/``, no padding). ``triton-mig-exporter hash-password`` makes one.
+#: instead of ``+/``, no padding). ``triton-mig-exporter hash-password --algorithm
+#: pbkdf2-sha256`` makes one.
 PASSWORD_HASH = re.compile(
     r"^\$pbkdf2-sha256\$([1-9][0-9]{0,9})\$([./A-Za-z0-9]{4,})\$([./A-Za-z0-9]{43})$"
 )
+#: A bcrypt hash, as exporter-toolkit takes them: ``$2y$`` (htpasswd -B), ``$2b$`` (Python's
+#: bcrypt, ``triton-mig-exporter hash-password``) or ``$2a$``; the cost (4 to 31), then 22
+#: characters of salt and 31 of checksum.
+BCRYPT_HASH = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+
+
+def is_password_hash(text: str) -> bool:
+    return bool(BCRYPT_HASH.match(text) or PASSWORD_HASH.match(text))
+
+
+def _check_users(users: dict[str, str]) -> dict[str, str]:
+    for user, hashed in users.items():
+        if not user or ":" in user:
+            raise ValueError(f"user name {user!r} must be non-empty and without ':'")
+        if not is_password_hash(hashed):
+            # The value is not shown: it may be a password pasted where its hash belongs.
+            raise ValueError(
+                f"the value for user {user!r} is not a bcrypt ($2y$, $2b$, $2a$) or "
+                "$pbkdf2-sha256$ password hash (make one with triton-mig-exporter hash-password)"
+            )
+    return users
+
+
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -330,6 +356,122 @@ def _valid_host(host: str) -> bool:
         pass
     # Digits and dots only is meant as an IPv4 address, and this one is not.
     return not re.fullmatch(r"[0-9.]+", host) and bool(_HOSTNAME.match(host))
+
+
+#: Validation context key: the folder of the web configuration file, which relative file names
+#: in it are resolved against (as exporter-toolkit does).
+WEB_DIR = "web_config_dir"
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+#: exporter-toolkit's client_auth_type values Python's ssl module can enforce. It cannot ask for
+#: a client certificate without verifying it (RequestClientCert, RequireAnyClientCert).
+CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+#: exporter-toolkit keys this exporter does not implement: refused, never silently ignored.
+_UNSUPPORTED = {
+    "tls_server_config": ("cert", "key", "client_ca", "cipher_suites", "curve_preferences",
+                          "prefer_server_cipher_suites", "client_allowed_sans"),
+    "(top level)": ("http_server_config", "rate_limit"),
+}
+
+
+def _refuse_unsupported(where: str, data: Any) -> Any:
+    if isinstance(data, dict):
+        found = [key for key in _UNSUPPORTED[where] if key in data]
+        if found:
+            raise ValueError(
+                f"{found[0]}: an exporter-toolkit setting triton-mig-exporter does not support"
+            )
+    return data
+
+
+def _in_web_dir(value: Path | None, info: ValidationInfo) -> Path | None:
+    directory = info.context.get(WEB_DIR) if info.context else None
+    if value is None or directory is None or value.is_absolute():
+        return value
+    return Path(directory) / value
+
+
+class TLSServerConfig(_Strict):
+    """exporter-toolkit's ``tls_server_config``: the server's certificate and key, and
+    optionally client certificates verified against a CA."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_auth_type: str = "NoClientCert"
+    client_ca_file: Path | None = None
+    min_version: Literal["TLS10", "TLS11", "TLS12", "TLS13"] = "TLS12"
+    max_version: Literal["TLS10", "TLS11", "TLS12", "TLS13"] = "TLS13"
+
+    _unsupported = model_validator(mode="before")(
+        lambda data: _refuse_unsupported("tls_server_config", data))
+    _relative = field_validator("cert_file", "key_file", "client_ca_file")(_in_web_dir)
+
+    @field_validator("client_auth_type")
+    @classmethod
+    def _client_auth(cls, value: str) -> str:
+        if value in ("RequestClientCert", "RequireAnyClientCert", "RequireClientCert"):
+            raise ValueError(
+                f"{value} is not supported: Python's ssl module cannot ask for a client "
+                "certificate without verifying it; use VerifyClientCertIfGiven or "
+                "RequireAndVerifyClientCert with client_ca_file"
+            )
+        if value not in CLIENT_AUTH:
+            raise ValueError(f"{value!r} is not one of {', '.join(CLIENT_AUTH)}")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self, info: ValidationInfo) -> TLSServerConfig:
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError(f"missing {'cert_file' if self.cert_file is None else 'key_file'}")
+        if self.client_ca_file is not None and self.client_auth_type == "NoClientCert":
+            raise ValueError("client_ca_file is set but client_auth_type is NoClientCert")
+        if self.client_ca_file is None and self.client_auth_type != "NoClientCert":
+            raise ValueError(f"client_auth_type {self.client_auth_type} needs client_ca_file")
+        if TLS_VERSIONS[self.min_version] > TLS_VERSIONS[self.max_version]:
+            raise ValueError(f"min_version {self.min_version} is above max_version "
+                             f"{self.max_version}")
+        if _checking_files(info):
+            _check_cert_and_key(self.cert_file, self.key_file, ("cert_file", "key_file"))
+            if self.client_ca_file is not None:
+                _check_ca_file("client_ca_file", self.client_ca_file)
+        return self
+
+    @property
+    def verify_mode(self) -> ssl.VerifyMode:
+        return CLIENT_AUTH[self.client_auth_type]
+
+
+class WebConfigFile(_Strict):
+    """An exporter-toolkit web configuration file (``--web.config.file``), the parts this
+    exporter implements; others are refused by name."""
+
+    tls_server_config: TLSServerConfig | None = None
+    #: username -> bcrypt hash (or :data:`PASSWORD_HASH`). /healthz and /readyz stay open.
+    basic_auth_users: dict[str, str] = Field(default_factory=dict)
+
+    _unsupported = model_validator(mode="before")(
+        lambda data: _refuse_unsupported("(top level)", data))
+    _password_hashes = field_validator("basic_auth_users")(_check_users)
+
+
+def load_web_config(path: str | Path) -> WebConfigFile:
+    """Load and check an exporter-toolkit web configuration file; ConfigError names the file
+    and the key. Relative file names in it are relative to its folder."""
+    source = str(path)
+    data = _read_mapping(Path(path), "(without --web.config.file /metrics is plain HTTP)")
+    try:
+        return WebConfigFile.model_validate(
+            data, context={CHECK_FILES: True, WEB_DIR: Path(path).parent})
+    except ValidationError as error:
+        raise ConfigError(_format_error(source, error)) from None
 
 
 class WebConfig(_Strict):
@@ -352,32 +494,37 @@ class WebConfig(_Strict):
             raise ValueError(f"{host!r} is not an IP address or host name (HOST:PORT or :PORT)")
         return value
 
-    @field_validator("basic_auth_users")
-    @classmethod
-    def _password_hashes(cls, value: dict[str, str]) -> dict[str, str]:
-        for user, hashed in value.items():
-            if not user or ":" in user:
-                raise ValueError(f"user name {user!r} must be non-empty and without ':'")
-            if not PASSWORD_HASH.match(hashed):
-                # The value is not shown: it may be a password pasted where its hash belongs.
-                raise ValueError(
-                    f"the value for user {user!r} is not a $pbkdf2-sha256$ password hash "
-                    "(make one with triton-mig-exporter hash-password)"
-                )
-        return value
+    #: An exporter-toolkit web configuration file (``--web.config.file``): TLS, client
+    #: certificates and basic auth, instead of the three keys above.
+    config_file: Path | None = None
+
+    _password_hashes = field_validator("basic_auth_users")(_check_users)
 
     @model_validator(mode="after")
     def _tls_pair(self, info: ValidationInfo) -> WebConfig:
         cert, key = self.tls_cert_file, self.tls_key_file
         if (cert is None) != (key is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.config_file is not None and (cert is not None or self.basic_auth_users):
+            raise ValueError(
+                "set config_file (--web.config.file) or tls_cert_file, tls_key_file and "
+                "basic_auth_users, not both"
+            )
         if cert is not None and key is not None and _checking_files(info):
             _check_cert_and_key(cert, key)
+        if self.config_file is not None and _checking_files(info):
+            load_web_config(self.config_file)  # ConfigError naming that file and its key
         return self
 
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert_file is not None
+    def served(self) -> WebConfigFile:
+        """How /metrics is served: read from ``config_file`` when set (ConfigError if it went
+        bad since the configuration was checked), else from the keys of this section."""
+        if self.config_file is not None:
+            return load_web_config(self.config_file)
+        tls = None
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            tls = TLSServerConfig(cert_file=self.tls_cert_file, key_file=self.tls_key_file)
+        return WebConfigFile(tls_server_config=tls, basic_auth_users=self.basic_auth_users)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -550,9 +697,15 @@ def load(
     """Load and validate the YAML file at ``path`` (``None``: built-in defaults)."""
     if path is None:
         return from_mapping({}, "<defaults>", environ, overrides)
+    data = _read_mapping(Path(path), "(without --config.file the built-in defaults apply)")
+    return from_mapping(data, str(path), environ, overrides)
+
+
+def _read_mapping(path: Path, without: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError naming the file when it is anything else."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
     except UnicodeDecodeError:
@@ -565,14 +718,11 @@ def load(
         raise ConfigError(f"{source}: not valid YAML{where}") from None
     if data is None:
         # Nothing but comments (or nothing at all): most likely a mount or template that went
-        # wrong. Leave out --config.file to run on the built-in defaults.
-        raise ConfigError(
-            f"{source}: (top level): empty configuration file "
-            "(without --config.file the built-in defaults apply)"
-        )
+        # wrong, so not taken to mean the defaults (``without`` says how to get those).
+        raise ConfigError(f"{source}: (top level): empty configuration file {without}")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: (top level): expected a mapping of keys")
-    return from_mapping(data, source, environ, overrides)
+    return data
 
 
 def read_secret(path: Path) -> str:

@@ -13,7 +13,7 @@ from http.server import ThreadingHTTPServer
 from types import FrameType
 
 from exporter import upstream, web
-from exporter.config import Config, ConfigError
+from exporter.config import TLS_VERSIONS, Config, ConfigError
 from exporter.publish import Publisher, SelfMetrics
 from exporter.worker import Worker
 
@@ -43,16 +43,20 @@ class Service:
             cfg.upstream, on_request=self.metrics.observe_request
         )
         self.worker = Worker(cfg, self.client, self.publisher, self.metrics)
-        w = cfg.web
+        served = cfg.web.served()
+        tls = served.tls_server_config
         self.tls: web.TLSFiles | None = None
-        if w.tls_cert_file is not None and w.tls_key_file is not None:
+        if tls is not None and tls.cert_file is not None and tls.key_file is not None:
             try:
-                self.tls = web.TLSFiles(w.tls_cert_file, w.tls_key_file)
+                self.tls = web.TLSFiles(
+                    tls.cert_file, tls.key_file, client_ca=tls.client_ca_file,
+                    verify=tls.verify_mode,
+                    versions=(TLS_VERSIONS[tls.min_version], TLS_VERSIONS[tls.max_version]))
             except (OSError, ssl.SSLError) as error:
                 raise ConfigError(
-                    f"{w.tls_cert_file}: web.tls_cert_file: cannot load: {error}"
-                ) from None
-        self.auth = web.BasicAuth(w.basic_auth_users) if w.basic_auth_users else None
+                    f"{tls.cert_file}: cannot load the TLS certificate: {error}") from None
+        users = served.basic_auth_users
+        self.auth = web.BasicAuth(users) if users else None
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
@@ -62,8 +66,7 @@ class Service:
         self._server = web.serve(app, host, port, tls=self.tls)
         self.worker.start()
         if self.auth is not None and self.tls is None:
-            log.warning("web.basic_auth_users without web.tls_cert_file: passwords are sent "
-                        "in clear text")
+            log.warning("basic auth without TLS: passwords are sent in clear text")
         log.info(
             "serving %s; upstream %s every %gs, window %gs",
             self.metrics_url, self.client.url, self.cfg.evaluation.interval,

@@ -862,27 +862,11 @@ class PrometheusClient:
         share: _Share,
     ) -> Any:
         """Send one request (retries included) and return the decoded JSON of a 2xx answer."""
-        url = self._base + path
         endpoint = f"{method} {path}"
         started = time.monotonic()
-        silence = warnings.catch_warnings() if self._insecure else nullcontext()
-        try:
-            with silence:
-                if self._insecure:
-                    warnings.simplefilter("ignore", InsecureRequestWarning)
-                response = self._session.request(
-                    method,
-                    url,
-                    data=fields if method == "POST" else None,
-                    params=fields if method != "POST" else None,
-                    timeout=self._timeout,
-                    verify=self._verify,
-                    stream=True,
-                    allow_redirects=False,
-                )
-        except requests.RequestException as error:
-            failure, detail = self._classify(error)
-            raise self._error(failure, detail, query=query, endpoint=endpoint) from None
+        response = self._send(method, path, fields, query)
+        if isinstance(response, UpstreamError):
+            raise response
         status = response.status_code
         if 200 <= status < 300:
             try:
@@ -940,6 +924,36 @@ class PrometheusClient:
             endpoint=endpoint,
             status=status,
         )
+
+    def _send(
+        self, method: str, path: str, fields: Mapping[str, Any] | None, query: str | None
+    ) -> requests.Response | UpstreamError:
+        """The response (headers read, body not yet), or the error to raise.
+
+        The error is returned, not raised: raised here, inside the handler, it would carry the
+        requests exception as its context (``from None`` only hides it from printing), and with
+        it the frames of requests, urllib3 and http.client, whose locals hold the request's
+        headers: the Authorization header among them. Returned, it carries nothing, and those
+        frames are freed when the handler ends.
+        """
+        silence = warnings.catch_warnings() if self._insecure else nullcontext()
+        try:
+            with silence:
+                if self._insecure:
+                    warnings.simplefilter("ignore", InsecureRequestWarning)
+                return self._session.request(
+                    method,
+                    self._base + path,
+                    data=fields if method == "POST" else None,
+                    params=fields if method != "POST" else None,
+                    timeout=self._timeout,
+                    verify=self._verify,
+                    stream=True,
+                    allow_redirects=False,
+                )
+        except requests.RequestException as error:
+            failure, detail = self._classify(error)
+            return self._error(failure, detail, query=query, endpoint=f"{method} {path}")
 
     def _not_json(
         self, error: Exception, start: str, *, query: str | None, path: str, status: int

@@ -2,12 +2,14 @@
 
 Handlers only read the current snapshot; they never wait for a cycle.
 
-Optionally (``web:`` in the configuration) the endpoints are served over TLS and /metrics and
-the landing page sit behind HTTP basic auth. /healthz and /readyz stay open: they tell nothing
-but "up" and "ready", and kubelet probes carry no credentials. Passwords are stored as
-pbkdf2-sha256 hashes in passlib's format (:func:`hash_password`); a verified (user, password)
-is remembered (as an HMAC under a per-process key, never the password) so a scraper pays the
-hash once, not on every scrape.
+Optionally (an exporter-toolkit web configuration file, ``--web.config.file``, or ``web:`` in
+the configuration) the endpoints are served over TLS, client certificates can be required, and
+/metrics and the landing page sit behind HTTP basic auth. /healthz and /readyz stay open: they
+tell nothing but "up" and "ready", and kubelet probes carry no credentials. Passwords are stored
+as bcrypt hashes, as exporter-toolkit stores them (:func:`bcrypt_hash`), or as pbkdf2-sha256
+hashes in passlib's format (:func:`hash_password`); a verified (user, password) is remembered
+(as an HMAC under a per-process key, never the password) so a scraper pays the hash once, not
+on every scrape.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import bcrypt
+
 from exporter import __version__
-from exporter.config import PASSWORD_HASH
+from exporter.config import BCRYPT_HASH, PASSWORD_HASH
 from exporter.publish import CONTENT_TYPE, Publisher, SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,11 @@ HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = 30.0
 #: Rounds :func:`hash_password` uses (OWASP's 2023 figure for PBKDF2-HMAC-SHA256).
 DEFAULT_ROUNDS = 600_000
+#: The cost :func:`bcrypt_hash` uses: Python bcrypt's default, as exporter-toolkit's docs make
+#: their hashes with it (2^12 rounds, about a quarter of a second).
+DEFAULT_COST = 12
+#: bcrypt reads this many bytes of a password; a longer one is refused, never cut.
+BCRYPT_MAX_BYTES = 72
 _REALM = 'Basic realm="triton-mig-exporter", charset="UTF-8"'
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -68,15 +77,41 @@ def hash_password(password: str, rounds: int = DEFAULT_ROUNDS, salt: bytes | Non
 
     The same format as passlib's ``pbkdf2_sha256.hash``; from a shell::
 
-        triton-mig-exporter hash-password
+        triton-mig-exporter hash-password --algorithm pbkdf2-sha256
     """
     salt = secrets.token_bytes(16) if salt is None else salt
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)
     return f"$pbkdf2-sha256${rounds}${_ab64_encode(salt)}${_ab64_encode(digest)}"
 
 
+def bcrypt_hash(password: str, cost: int = DEFAULT_COST) -> str:
+    """A ``$2b$<cost>$...`` bcrypt hash for ``basic_auth_users``: what exporter-toolkit takes.
+
+    ValueError for a password over 72 bytes (bcrypt would read only its start).
+    """
+    raw = password.encode("utf-8")
+    if len(raw) > BCRYPT_MAX_BYTES:
+        raise ValueError(f"bcrypt takes passwords of at most {BCRYPT_MAX_BYTES} bytes")
+    return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=cost)).decode("ascii")
+
+
+def _dummy_like(hashed: str) -> str:
+    """A hash of a random password at the cost of ``hashed``: unknown users are checked
+    against it, so they take as long as known ones."""
+    cost = BCRYPT_HASH.match(hashed)
+    if cost:
+        return bcrypt_hash(secrets.token_hex(8), int(cost.group(1)))
+    rounds = PASSWORD_HASH.match(hashed)
+    return hash_password(secrets.token_hex(8), int(rounds.group(1)) if rounds else 1)
+
+
 def verify_password(password: str, hashed: str) -> bool:
-    """Whether ``password`` matches ``hashed`` (constant-time comparison)."""
+    """Whether ``password`` matches ``hashed``, a bcrypt or pbkdf2-sha256 hash."""
+    if BCRYPT_HASH.match(hashed):
+        raw = password.encode("utf-8")
+        # Python's bcrypt refuses a longer password; Go's used to read its first 72 bytes. A
+        # password of 73 bytes and more never matches.
+        return len(raw) <= BCRYPT_MAX_BYTES and bcrypt.checkpw(raw, hashed.encode("ascii"))
     match = PASSWORD_HASH.match(hashed)
     if match is None:
         return False
@@ -99,9 +134,7 @@ class BasicAuth:
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
         # Unknown users are checked against this, so they take as long as known ones.
-        some = next(iter(self._users.values()), hash_password("", 1))
-        rounds = PASSWORD_HASH.match(some)
-        self._dummy = hash_password(secrets.token_hex(8), int(rounds.group(1)) if rounds else 1)
+        self._dummy = _dummy_like(next(iter(self._users.values()), ""))
 
     def __call__(self, header: str | None) -> bool:
         if not header or header[:6].lower() != "basic ":
@@ -133,18 +166,31 @@ class BasicAuth:
 
 
 class TLSFiles:
-    """A server TLS context from a certificate and key, reloaded when either file changes
+    """A server TLS context from a certificate and key (and the CA client certificates are
+    verified against, when ``verify`` asks for them), reloaded when any of the files changes
     (cert-manager and friends rotate them in place); a failed reload keeps the last context."""
 
-    def __init__(self, cert: Path, key: Path) -> None:
-        self.cert, self.key = cert, key
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        *,
+        client_ca: Path | None = None,
+        verify: ssl.VerifyMode = ssl.CERT_NONE,
+        versions: tuple[ssl.TLSVersion, ssl.TLSVersion] = (
+            ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.MAXIMUM_SUPPORTED),
+    ) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self.verify, self.versions = verify, versions
         self._lock = threading.Lock()
         self._stamp = self._stat()
         self._context = self._load()  # OSError / ssl.SSLError at start-up, not per connection
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         stamps = []
-        for path in (self.cert, self.key):
+        for path in (self.cert, self.key, self.client_ca):
+            if path is None:
+                continue
             try:
                 st = os.stat(path)
                 stamps.append((st.st_mtime_ns, st.st_ino, st.st_size))
@@ -154,8 +200,11 @@ class TLSFiles:
 
     def _load(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.minimum_version, context.maximum_version = self.versions
         context.load_cert_chain(str(self.cert), str(self.key), password=lambda: b"")
+        if self.client_ca is not None:
+            context.load_verify_locations(cafile=str(self.client_ca))
+        context.verify_mode = self.verify
         return context
 
     def context(self) -> ssl.SSLContext:

@@ -270,7 +270,8 @@ class Serve:
     """``python -m exporter serve`` in a subprocess; stderr collected line by line."""
 
     def __init__(self, cfg: dict[str, Any], folder: Path, *args: str,
-                 verify: bool | str = True, auth: tuple[str, str] | None = None) -> None:
+                 verify: bool | str = True, auth: tuple[str, str] | None = None,
+                 cert: tuple[str, str] | None = None) -> None:
         path = folder / "exporter.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
         self.proc = subprocess.Popen(
@@ -279,7 +280,7 @@ class Serve:
             text=True, encoding="utf-8", errors="replace")
         self.lines: list[str] = []
         self.stdout: list[str] = []
-        self.verify, self.auth = verify, auth
+        self.verify, self.auth, self.cert = verify, auth, cert
         assert self.proc.stderr is not None and self.proc.stdout is not None
         self._readers = [
             threading.Thread(target=self._drain, args=(self.proc.stderr, self.lines), daemon=True),
@@ -305,6 +306,7 @@ class Serve:
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("verify", self.verify)
         kwargs.setdefault("auth", self.auth)
+        kwargs.setdefault("cert", self.cert)
         return requests.get(self.url + path, timeout=5, **kwargs)
 
     def samples(self) -> Samples:

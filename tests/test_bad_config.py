@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,16 +32,33 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)
     #: Text that must not be printed (a credential in the bad file).
     secret: str | None = None
+    #: The file is an exporter-toolkit web configuration, given with --web.config.file.
+    web: bool = False
+    #: The file is not there at all.
+    absent: bool = False
 
     def write(self, folder: Path) -> Path:
         for name, content in self.files.items():
             (folder / name).write_text(content)
-        path = folder / "bad.yaml"
+        path = folder / ("web.yml" if self.web else "bad.yaml")
+        if self.absent:
+            return path
         if isinstance(self.text, bytes):
             path.write_bytes(self.text)
         else:
             path.write_text(self.text.replace("{dir}", str(folder)))
         return path
+
+    def args(self, path: Path) -> list[str]:
+        return ["--web.config.file" if self.web else "--config.file", str(path)]
+
+
+def web_case(id: str, text: str, key: str, message: str, **more: Any) -> Case:
+    return Case(f"web config: {id}", text, key, message, web=True, **more)
+
+
+PEM = {"cert.pem": "not a certificate\n", "key.pem": "not a key\n"}
+TLS = "tls_server_config: {cert_file: cert.pem, key_file: key.pem"
 
 
 CASES = [
@@ -86,7 +104,46 @@ CASES = [
     Case("web certificate without key", "web: {tls_cert_file: '{dir}/cert.pem'}", "web",
          "set both tls_cert_file and tls_key_file, or neither"),
     Case("web password instead of its hash", "web: {basic_auth_users: {prom: hunter2}}",
-         "web.basic_auth_users", "is not a $pbkdf2-sha256$ password hash", secret="hunter2"),
+         "web.basic_auth_users", "is not a bcrypt ($2y$, $2b$, $2a$) or $pbkdf2-sha256$ password "
+         "hash", secret="hunter2"),
+    Case("web config file and web TLS keys",
+         "web: {config_file: '{dir}/web.yml', tls_cert_file: c.pem, tls_key_file: k.pem}", "web",
+         "set config_file (--web.config.file) or tls_cert_file, tls_key_file and "
+         "basic_auth_users, not both"),
+    web_case("missing file", "", "cannot read", "No such file or directory", absent=True),
+    web_case("empty file", "", "(top level)", "empty configuration file (without "
+             "--web.config.file /metrics is plain HTTP)"),
+    web_case("unknown key", "tls_server_config: {cert_fil: cert.pem}",
+             "tls_server_config.cert_fil", "unknown key"),
+    web_case("setting not supported", TLS + ", cipher_suites: [TLS_AES_128_GCM_SHA256]}",
+             "tls_server_config", "cipher_suites: an exporter-toolkit setting "
+             "triton-mig-exporter does not support"),
+    web_case("section not supported", "http_server_config: {http2: false}", "(top level)",
+             "http_server_config: an exporter-toolkit setting triton-mig-exporter does not "
+             "support"),
+    web_case("certificate without key", "tls_server_config: {cert_file: cert.pem}",
+             "tls_server_config", "missing key_file"),
+    web_case("missing certificate (relative to the file)",
+             "tls_server_config: {cert_file: absent.pem, key_file: key.pem}",
+             "tls_server_config", "cert_file: {dir}/absent.pem is not a readable file"),
+    web_case("certificate that does not load", TLS + "}", "tls_server_config",
+             "cert_file: cannot load {dir}/cert.pem with key {dir}/key.pem", files=PEM),
+    web_case("client auth that Python cannot do", TLS + ", client_auth_type: RequestClientCert}",
+             "tls_server_config.client_auth_type", "RequestClientCert is not supported"),
+    web_case("unknown client auth", TLS + ", client_auth_type: Always}",
+             "tls_server_config.client_auth_type", "'Always' is not one of NoClientCert, "
+             "VerifyClientCertIfGiven, RequireAndVerifyClientCert"),
+    web_case("client verification without a CA",
+             TLS + ", client_auth_type: RequireAndVerifyClientCert}", "tls_server_config",
+             "client_auth_type RequireAndVerifyClientCert needs client_ca_file"),
+    web_case("a CA without client verification", TLS + ", client_ca_file: ca.pem}",
+             "tls_server_config", "client_ca_file is set but client_auth_type is NoClientCert"),
+    web_case("unknown TLS version", TLS + ", min_version: TLS14}",
+             "tls_server_config.min_version", "Input should be 'TLS10', 'TLS11', 'TLS12' or "
+             "'TLS13'"),
+    web_case("password instead of its hash", "basic_auth_users: {prom: hunter2}",
+             "basic_auth_users", "the value for user 'prom' is not a bcrypt", secret="hunter2"),
+    web_case("not YAML", "basic_auth_users: [", "not valid YAML", "at line"),
     Case("empty file", "", "(top level)", "empty configuration file"),
     Case("only comments", "# upstream: {url: 'http://prom:9090'}\n", "(top level)",
          "empty configuration file"),
@@ -116,7 +173,7 @@ def test_bad_config_is_one_line_naming_the_key_and_exit_2(
 ) -> None:
     path = case.write(tmp_path)
     monkeypatch.setattr(cli, "wait_for_signal", lambda: None)  # an accepted file must not block
-    code = cli.main([command, "--config.file", str(path)])
+    code = cli.main([command, *case.args(path)])
     out, err = capsys.readouterr()
     check(case, path, code, out, err)
 
@@ -135,7 +192,7 @@ def test_no_config_file_means_the_defaults(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out == "<defaults>: ok\n"
 
 
-AS_PROCESSES = ["missing token file", "empty file"]
+AS_PROCESSES = ["missing token file", "empty file", "web config: client verification without a CA"]
 
 
 def test_bad_config_as_real_processes(tmp_path: Path) -> None:
@@ -147,7 +204,7 @@ def test_bad_config_as_real_processes(tmp_path: Path) -> None:
         path = case.write(folder)
         for command in ("check-config", "serve"):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "exporter", command, "--config.file", str(path)],
+                [sys.executable, "-m", "exporter", command, *case.args(path)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             runs.append((case, path, proc))
     assert len(runs) == 2 * len(AS_PROCESSES)

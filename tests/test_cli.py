@@ -90,17 +90,34 @@ def test_a_missing_secret_file_is_a_usage_error_not_a_traceback(tmp_path: Path) 
 PASSWORD = " pw with spaces/+=\"SECRET "
 
 
-def test_hash_password_reads_stdin_and_prints_a_hash_the_web_config_accepts() -> None:
-    done = run("hash-password", stdin=PASSWORD + "\r\n")
+@pytest.mark.parametrize("args, prefix", [((), "$2b$12$"),  # bcrypt, as exporter-toolkit
+                                          (("--algorithm", "pbkdf2-sha256"), "$pbkdf2-sha256$")])
+def test_hash_password_reads_stdin_and_prints_a_hash_the_web_configs_accept(
+    args: tuple[str, ...], prefix: str, tmp_path: Path
+) -> None:
+    done = run("hash-password", *args, stdin=PASSWORD + "\r\n")
     assert done.returncode == 0, done.stderr
     [hashed] = done.stdout.splitlines()
+    assert hashed.startswith(prefix), hashed
     assert verify_password(PASSWORD, hashed)  # the spaces at both ends are kept
     assert not verify_password(PASSWORD.strip(), hashed)
     assert PASSWORD.strip() not in done.stdout + done.stderr
     cfg = config.from_mapping({"web": {"basic_auth_users": {"prometheus": hashed}}}, environ={})
     assert cfg.web.basic_auth_users == {"prometheus": hashed}
-    again = run("hash-password", stdin=PASSWORD + "\n")
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users: {{prometheus: '{hashed}'}}\n")
+    assert config.load_web_config(web).basic_auth_users == {"prometheus": hashed}
+    again = run("hash-password", *args, stdin=PASSWORD + "\n")
     assert again.stdout != done.stdout  # a new salt every time
+
+
+def test_hash_password_refuses_a_password_bcrypt_would_cut() -> None:
+    long = "x" * 73  # bcrypt reads 72 bytes
+    done = run("hash-password", stdin=long + "\n")
+    assert done.returncode == 2 and done.stdout == "" and long not in done.stderr
+    assert done.stderr.strip() == ("error: bcrypt takes passwords of at most 72 bytes; use "
+                                   "--algorithm pbkdf2-sha256 for a longer one")
+    assert run("hash-password", "--algorithm", "pbkdf2-sha256", stdin=long).returncode == 0
 
 
 def test_hash_password_refuses_an_empty_password() -> None:

@@ -29,7 +29,6 @@ values at 10 instants.
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
-from figures import Figures, exporter_figures, series_key
+from figures import exporter_figures, prometheus_figures, relative_difference, series_key
 
 from exporter import catalog, config, promserver, rules, simulate
 
@@ -213,23 +212,6 @@ def history(prometheus_binaries: promserver.PrometheusBinaries,
         shutil.rmtree(root, ignore_errors=True)
 
 
-def rule_figures(h: History, at: float) -> Figures:
-    """Each rule's value at ``at``: its inlined expression, instant-queried."""
-    out: Figures = {}
-    for name, expr in h.inlined.items():
-        for row in h.prom.query(expr, at):
-            key = series_key(row["metric"])
-            assert key not in out.get(name, {}), (name, key)
-            out.setdefault(name, {})[key] = float(row["value"][1])
-    return out
-
-
-def relative_difference(a: float, b: float) -> float:
-    if a == b or (math.isnan(a) and math.isnan(b)):
-        return 0.0
-    return abs(a - b) / max(abs(a), abs(b))
-
-
 @pytest.mark.integration
 def test_rules_on_backfilled_history_equal_once_at_past_instants(
     h: History, record_property: Any,
@@ -237,7 +219,8 @@ def test_rules_on_backfilled_history_equal_once_at_past_instants(
     largest, compared, seen = 0.0, 0, set()
     drift: dict[str, float] = {}
     for label, at in INSTANTS:
-        got, want = rule_figures(h, at), exporter_figures(h.exporter_config, at)
+        got = prometheus_figures(h.prom, h.inlined, at)
+        want = exporter_figures(h.exporter_config, at)
         for series in catalog.SERIES:
             ours, theirs = got.get(series.name, {}), want.get(series.name, {})
             # A label set on one side only (a series one side leaves out) fails here.

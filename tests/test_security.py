@@ -22,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,10 @@ from fakes import (
 
 from exporter import config, web
 from exporter.config import Config
-from exporter.promserver import wait_for
+from exporter.promserver import free_port, wait_for
 from exporter.service import QUIET_LOGGERS, Service
-from exporter.web import hash_password, verify_password
+from exporter.upstream import PrometheusClient, UpstreamError
+from exporter.web import bcrypt_hash, hash_password, verify_password
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +71,9 @@ class PKI:
     ca: Path
     cert: Path
     key: Path
+    #: A client certificate signed by the CA, and one signed by nobody the server knows.
+    client: tuple[str, str]
+    stranger: tuple[str, str]
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -97,7 +102,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
         "-set_serial", "2", "-days", "2", "-out", "cert.pem", "-extfile", "server.ext")
-    return PKI(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+    client_ext = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+    (folder / "client.ext").write_text("basicConstraints=CA:FALSE\n" + client_ext)
+    run("req", *ec, "-keyout", "client-key.pem", "-out", "client.csr", "-subj", "/CN=prometheus")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+        "-set_serial", "3", "-days", "2", "-out", "client.pem", "-extfile", "client.ext")
+    run("req", "-x509", *ec, "-keyout", "stranger-key.pem", "-out", "stranger.pem", "-days", "2",
+        "-subj", "/CN=prometheus", "-addext", "extendedKeyUsage=clientAuth")
+    return PKI(folder / "ca.pem", folder / "cert.pem", folder / "key.pem",
+               (str(folder / "client.pem"), str(folder / "client-key.pem")),
+               (str(folder / "stranger.pem"), str(folder / "stranger-key.pem")))
 
 
 @pytest.fixture
@@ -211,6 +225,89 @@ def test_serve_at_debug_level_never_leaks_the_credentials(
     assert "Traceback" not in log
 
 
+# --- exception traces -------------------------------------------------------------------------
+
+
+def chain(error: BaseException) -> list[BaseException]:
+    """The error and every exception it carries: its cause and its context, even one that
+    ``raise ... from None`` keeps from being printed (a debugger or a handler can still reach
+    it)."""
+    out: list[BaseException] = []
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e not in out:
+            out.append(e)
+            todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return out
+
+
+def query_error(cfg: config.UpstreamConfig) -> UpstreamError:
+    """What the client raises for one query. The traceback starts in this frame, whose locals
+    hold the credentials only inside the validated configuration (SecretStr), as the exporter
+    holds them: the raw mapping stays in the caller's frame."""
+    with PrometheusClient(cfg) as client, pytest.raises(UpstreamError) as caught:
+        client.instant("up", time.time())
+    return caught.value
+
+
+@pytest.mark.parametrize("auth", ["bearer_token", "basic_auth"])
+def test_exception_traces_never_show_the_credentials(
+    auth: str, pki: PKI, cleanup: contextlib.ExitStack
+) -> None:
+    """Errors the upstream client raises, printed as a traceback would print them and with every
+    frame's local variables (``capture_locals``, as some error trackers send them), never hold
+    the token or the password: not in the message, not in a local of our code."""
+    if auth == "bearer_token":
+        credentials: dict[str, Any] = {"bearer_token": TOKEN}
+        secrets = [TOKEN]
+    else:
+        credentials = {"basic_auth": {"username": "exporter", "password": PASSWORD}}
+        secrets = [PASSWORD, base64.b64encode(f"exporter:{PASSWORD}".encode()).decode(),
+                   json.dumps(PASSWORD)[1:-1]]
+    refused = f"http://127.0.0.1:{free_port()}"
+    echo = start_fake(cleanup)
+    echo.answer = lambda seen: Reply(401, encode({
+        "status": "error", "errorType": "unauthorized",
+        "error": f"bad credentials: {seen.headers.get('authorization')}"}))
+    slow = start_fake(cleanup)
+    slow.answer = lambda seen: Reply(body=encode(payload([])), delay=5.0)
+    cut = start_fake(cleanup)  # announces 1000 bytes, sends 10 and hangs up
+    cut.answer = lambda seen: Reply(body=iter([b'{"status":']), headers={"Content-Length": "1000"})
+    tls = start_fake(cleanup, tls=pki.server_context())  # signed by a CA the client does not know
+    cases = {  # upstream settings, reason, what the message says
+        "connection refused": ({"url": refused}, "connection", "Connection refused"),
+        "401 echoing the credentials": ({"url": echo.url}, "http_4xx",
+                                        "HTTP 401: unauthorized: bad credentials: "),
+        "timeout": ({"url": slow.url, "timeout": "200ms", "retries": 0}, "timeout",
+                    "no answer from"),
+        "answer cut short": ({"url": cut.url}, "connection", "reading the answer"),
+        "certificate not trusted": ({"url": tls.url}, "connection",
+                                    "CERTIFICATE_VERIFY_FAILED"),
+    }
+    for case, (upstream, reason, says) in cases.items():
+        mapping = exporter_config(**upstream, **credentials)
+        error = query_error(config.from_mapping(mapping, environ={}).upstream)
+        assert error.reason == reason and says in str(error), (case, error)
+        assert "<redacted>" in str(error) or case != "401 echoing the credentials", error
+        printed = "".join(traceback.format_exception(error))
+        with_locals = "".join(
+            traceback.TracebackException.from_exception(error, capture_locals=True).format())
+        for text in (str(error), repr(error), printed, with_locals):
+            assert not [s for s in secrets if s in text], (case, text)
+        # Frame by frame, the whole chain: requests, urllib3 and http.client keep the request's
+        # headers (Authorization among them) in their frames' locals, so an error raised while
+        # one of theirs is being handled would carry those frames in its context, printed or
+        # not. The client raises its errors outside the handler: the chain is ours alone.
+        for e in chain(error):
+            stack = traceback.TracebackException.from_exception(e, capture_locals=True).stack
+            for frame in stack:
+                shown = f"{frame.line} " + " ".join(f"{k}={v}" for k, v in
+                                                     (frame.locals or {}).items())
+                leaked = [s for s in secrets if s in shown]
+                assert not leaked, (case, frame.filename, frame.lineno, frame.name, shown)
+
+
 # --- TLS to the upstream ------------------------------------------------------------------------
 
 
@@ -291,6 +388,55 @@ def test_ca_bundle_and_metrics_over_tls_behind_basic_auth(
     assert not [line for line in serve.lines if SCRAPE_PASSWORD in line]
 
 
+# --- an exporter-toolkit web configuration file ------------------------------------------------
+
+
+def test_web_config_file_serves_tls_verifies_client_certificates_and_bcrypt_users(
+    pki: PKI, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """``serve --web.config.file``, exporter-toolkit's format: the certificate named relative to
+    the file, client certificates required and verified against a CA, users with bcrypt hashes
+    ($2b$ as hash-password writes them, $2y$ as htpasswd -B does). A real HTTPS client."""
+    fake = start_fake(cleanup)
+    folder = tmp_path / "web"
+    folder.mkdir()
+    shutil.copy(pki.cert, folder / "tls.crt")
+    shutil.copy(pki.key, folder / "tls.key")
+    web_config = folder / "web-config.yml"
+    web_config.write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key",
+                              "client_auth_type": "RequireAndVerifyClientCert",
+                              "client_ca_file": str(pki.ca)},
+        "basic_auth_users": {
+            "prometheus": bcrypt_hash(SCRAPE_PASSWORD, 4),
+            "grafana": bcrypt_hash(PASSWORD, 4).replace("$2b$", "$2y$", 1),
+        },
+    }))
+    serve = start_serve(cleanup, exporter_config(fake.url), tmp_path,
+                        "--web.config.file", str(web_config), verify=str(pki.ca),
+                        auth=("prometheus", SCRAPE_PASSWORD), cert=pki.client)
+    assert serve.url.startswith("https://127.0.0.1:")
+    s = serve.until(lambda s: FLEET_RATE in s, 10, "derived figures over TLS")
+    assert value(s, FLEET_RATE) == pytest.approx(fake.fleet.rate)
+
+    assert serve.get("/metrics", auth=("grafana", PASSWORD)).status_code == 200
+    for auth in (None, ("prometheus", "wrong"), ("nobody", SCRAPE_PASSWORD),
+                 ("grafana", SCRAPE_PASSWORD)):
+        refused = serve.get("/metrics", auth=auth)
+        assert refused.status_code == 401, auth
+        assert refused.headers["WWW-Authenticate"].startswith('Basic realm="triton-mig-exporter"')
+        assert PREFIX not in refused.text
+    assert serve.get("/healthz", auth=None).status_code == 200  # a certificate, no password
+    # No client certificate, or one the CA did not sign: no TLS session, so no answer at all.
+    for cert in (None, pki.stranger):
+        with pytest.raises(requests.exceptions.ConnectionError):
+            serve.get("/healthz", cert=cert)
+    assert serve.get("/metrics").status_code == 200  # and the server still answers
+    finish(serve)
+    log = "\n".join(serve.lines)
+    assert SCRAPE_PASSWORD not in log and PASSWORD not in log
+
+
 # --- in-process: password hashes and the start-up warning -------------------------------------
 
 
@@ -307,6 +453,25 @@ def test_password_hashes() -> None:
     assert check(header) and check(header)  # the second from the cache
     assert not check(None) and not check("Bearer x") and not check("Basic !!!")
     assert not check("Basic " + base64.b64encode(b"u:wrong").decode())
+
+
+def test_bcrypt_hashes() -> None:
+    hashed = bcrypt_hash("correct horse", 4)
+    assert config.BCRYPT_HASH.match(hashed) and hashed.startswith("$2b$04$")
+    assert verify_password("correct horse", hashed)
+    assert not verify_password("correct horse ", hashed)
+    for prefix in ("$2y$", "$2a$"):  # htpasswd -B writes $2y$; the same algorithm
+        assert verify_password("correct horse", hashed.replace("$2b$", prefix, 1))
+    # bcrypt reads 72 bytes: a longer password is refused, never matched on its start.
+    long = "x" * 72
+    assert verify_password(long, bcrypt_hash(long, 4))
+    assert not verify_password(long + "y", bcrypt_hash(long, 4))
+    with pytest.raises(ValueError, match="at most 72 bytes"):
+        bcrypt_hash(long + "y")
+    check = web.BasicAuth({"u": hashed})
+    assert config.BCRYPT_HASH.match(check._dummy).group(1) == "04"  # type: ignore[union-attr]
+    assert check("Basic " + base64.b64encode(b"u:correct horse").decode())
+    assert not check("Basic " + base64.b64encode(b"nobody:correct horse").decode())
 
 
 @pytest.fixture
