@@ -731,8 +731,10 @@ def test_series_churn_models_and_slices_come_and_go_within_a_cycle(
 STEADY_EPOCH = 3600.0
 #: The exporter evaluates this far behind now (evaluation.eval_delay): every scrape stamped
 #: before an evaluation instant is stored by the time the cycle asks, so Prometheus asked about
-#: the same instant later answers from the same samples.
-EVAL_DELAY = 1.0
+#: the same instant later answers from the same samples. Six scrape intervals: a scrape is
+#: stamped when it starts and stored when it ends, and on a busy machine one can take over a
+#: second; a sample stored after the cycle asked would make the two answers differ.
+EVAL_DELAY = 3.0
 #: The exporter against Prometheus's own answer for the same instant: the same stored samples
 #: through the same functions; only the order of additions differs (see test_rules_history).
 SAME = 1e-6
