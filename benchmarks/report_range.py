@@ -796,7 +796,9 @@ def reading(payload: dict[str, Any]) -> list[str]:
         f"per hour of {result['size']} history, so 7 days would take about "
         f"{per_hour_history * week / 60:.0f} min and "
         f"{history['openmetrics_bytes'] / result['history_hours'] * week / 1e9:.1f} GB written "
-        f"in segments; the run uses {result['history_hours']:g} h to stay within a few minutes.",
+        f"in segments"
+        + (f"; the run uses {result['history_hours']:g} h to stay within a few minutes."
+           if result["history_hours"] < week else "."),
         f"- Our report's cost is per chunk (queries, answers, derivation; each chunk is pivoted "
         f"into its rows as it arrives): at {summary['per_hour_s']['after']:.2f} s per hour of "
         f"range, 7 days would take about {summary['per_hour_s']['after'] * week / 60:.1f} min "
