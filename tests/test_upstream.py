@@ -38,6 +38,7 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import InsecureRequestWarning
 
+from exporter import upstream
 from exporter.config import ConfigError, UpstreamConfig
 from exporter.upstream import (
     OUTCOMES,
@@ -346,6 +347,69 @@ def test_vector_irregular_input_takes_the_checked_path_with_same_result() -> Non
     frame = parse_vector(irregular).frame
     pd.testing.assert_frame_equal(parse_vector(regular).frame, frame)
     assert frame["value"].tolist()[2:] == [math.inf, -math.inf]
+
+
+def answer_text(count: int, **dumps: Any) -> str:
+    """An instant answer of ``count`` series whose label values look like JSON syntax."""
+    tricky = ['},{"metric":', '"result":[', "]}}", "\\", '\\"', "{", "ü \u2028", "a"]
+    result = [{"metric": {"pod": f"p{i}", "odd": tricky[i % len(tricky)]},
+               "value": [1700000000.5, str(i)]} for i in range(count)]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result},
+                       "warnings": ["w"]}, **dumps)
+
+
+@pytest.mark.parametrize("dumps", [
+    {"separators": (",", ":")}, {}, {"indent": 1}, {"ensure_ascii": False}],
+    ids=["compact", "spaced", "indented", "unicode"])
+def test_a_long_answer_is_decoded_in_pieces_to_what_json_loads_gives(
+    dumps: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = answer_text(200, **dumps)
+    expected = json.loads(text)
+    decoded: list[int] = []
+    loads = json.loads
+
+    def recording(piece: str) -> Any:
+        decoded.append(len(piece))
+        return loads(piece)
+
+    monkeypatch.setattr(upstream.json, "loads", recording)
+    assert upstream.decode_json(text, piece=500) == expected
+    # Series a few at a time, and the envelope without them: never the whole text at once.
+    assert len(decoded) > 10
+    assert max(decoded) < 1000
+
+
+@pytest.mark.parametrize("text", [
+    answer_text(0), answer_text(1), answer_text(200).replace('"w"', '"result"'),
+    answer_text(200).replace('"pod"', '"result"'), json.dumps(list(range(2000))),
+    json.dumps({"data": {"result": list(range(2000))}}),
+    json.dumps({"status": "success", "data": [{"metric": {}, "x": 1}] * 200, "result": []}),
+])
+def test_any_other_json_decodes_as_json_loads_decodes_it(text: str) -> None:
+    assert upstream.decode_json(text, piece=100) == json.loads(text)
+
+
+def _cuts(text: str) -> Iterator[str]:
+    for at in range(0, len(text), 97):
+        yield text[:at]
+        yield text[:at] + "x" + text[at:]
+        yield text[:at] + text[at + 1:]
+    yield text + "x"
+    yield text.replace(",", "\u00a0,", 5)
+    yield text.replace("},{", "}\u00a0,{")
+
+
+def test_invalid_json_fails_as_json_loads_fails() -> None:
+    for text in _cuts(answer_text(40)):
+        try:
+            expected: Any = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            with pytest.raises(type(error)) as caught:
+                upstream.decode_json(text, piece=100)
+            assert str(caught.value) == str(error)
+        else:
+            assert upstream.decode_json(text, piece=100) == expected
 
 
 def test_scalar_is_one_row_without_labels() -> None:
