@@ -6,6 +6,7 @@ so a slow cycle makes the scheduler skip ticks (counted as missed) instead of qu
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
@@ -307,6 +308,9 @@ class Worker:
             log.exception("cycle crashed")
             self.metrics.cycles.labels("failure").inc()
         finally:
+            # The cycle's garbage in one full collection, now that its answers and frames are
+            # gone (exporter.service.tune_interpreter leaves serve no automatic ones).
+            gc.collect()
             self._idle.set()
 
     def _on_missed(self, event: JobExecutionEvent) -> None:

@@ -147,3 +147,17 @@ def test_the_query_threads_are_kept_across_cycles_and_stopped_with_the_worker() 
         thread.join(5)
     assert not any(thread.is_alive() for thread in first)
     assert cycle.run_cycle().good  # a later cycle starts a new pool
+
+
+def test_each_scheduled_cycle_ends_with_a_garbage_collection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collected: list[bool] = []
+    publisher = Publisher(CFG.evaluation.staleness_bound)
+    cycle = worker.Worker(CFG, Upstream(), publisher, SelfMetrics(publisher))
+    monkeypatch.setattr(worker.gc, "collect", lambda: collected.append(cycle._idle.is_set()))
+    cycle._safe_cycle()
+    monkeypatch.setattr(cycle, "run_cycle", lambda: 1 / 0)
+    cycle._safe_cycle()  # a crashed cycle's garbage too
+    assert collected == [False, False]
+    cycle.stop()
