@@ -70,10 +70,13 @@ class Service:
         self.cfg = cfg
         self.publisher = Publisher(cfg.evaluation.staleness_bound)
         self.metrics = SelfMetrics(self.publisher)
+        # Decoding answers, deriving and rendering take turns on one lock: one thread of the
+        # cycle at a time competes for the interpreter with the threads serving scrapes.
+        cpu = threading.Lock()
         self.client = upstream.PrometheusClient(
-            cfg.upstream, on_request=self.metrics.observe_request
+            cfg.upstream, on_request=self.metrics.observe_request, cpu=cpu
         )
-        self.worker = Worker(cfg, self.client, self.publisher, self.metrics)
+        self.worker = Worker(cfg, self.client, self.publisher, self.metrics, cpu=cpu)
         served = cfg.web.served()
         tls = served.tls_server_config
         self.tls: web.TLSFiles | None = None

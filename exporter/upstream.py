@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -690,6 +690,12 @@ class PrometheusClient:
     flight at once together by ``cfg.cycle_response_bytes`` (:class:`ResponseBudget`; an
     answer held from its first byte until it is parsed): the worker runs one cycle at a time,
     so the calls in flight are the queries of one cycle.
+
+    Answers are decoded and parsed one at a time, holding ``cpu`` (by default a lock of this
+    client's): that work runs under the interpreter lock, so answers decoded at once would only
+    take turns on it, and each thread doing so is one more that every other thread (one serving
+    a scrape) waits behind for its turn. Given the lock that other CPU work holds (the worker's
+    derivation), the two take turns the same way.
     """
 
     def __init__(
@@ -697,8 +703,10 @@ class PrometheusClient:
         cfg: UpstreamConfig,
         *,
         on_request: Callable[[str, float], None] | None = None,
+        cpu: AbstractContextManager[Any] | None = None,
     ) -> None:
         self._cfg = cfg
+        self._cpu = cpu if cpu is not None else threading.Lock()
         self._budget = ResponseBudget(cfg.cycle_response_bytes)
         self._base = cfg.url.rstrip("/")
         self._on_request = on_request
@@ -755,8 +763,10 @@ class PrometheusClient:
         """Evaluate ``query`` at ``at`` (Unix seconds): a ``vector`` or ``scalar`` answer."""
         form = {"query": query, "time": _time(at), "timeout": self._query_timeout}
         with self._observe(), self._share() as share:
-            payload = self._call("POST", "/api/v1/query", form, query, share)
-            return parse_vector(payload, query)
+            result: QueryResult = self._call(
+                "POST", "/api/v1/query", form, query, share, lambda p: parse_vector(p, query)
+            )
+            return result
 
     def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
         """Evaluate ``query`` over ``[start, end]`` every ``step`` seconds: a ``matrix`` answer."""
@@ -770,8 +780,10 @@ class PrometheusClient:
             "timeout": self._query_timeout,
         }
         with self._observe(), self._share() as share:
-            payload = self._call("POST", "/api/v1/query_range", form, query, share)
-            return parse_matrix(payload, query)
+            result: QueryResult = self._call(
+                "POST", "/api/v1/query_range", form, query, share, lambda p: parse_matrix(p, query)
+            )
+            return result
 
     def label_names(self) -> list[str]:
         with self._observe("GET /api/v1/labels"), self._share() as share:
@@ -913,8 +925,10 @@ class PrometheusClient:
         fields: Mapping[str, Any] | None,
         query: str | None,
         share: _Share,
+        parse: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Send one request (retries included) and return the decoded JSON of a 2xx answer."""
+        """Send one request (retries included) and return the decoded JSON of a 2xx answer, or
+        what ``parse`` makes of it (decoded and parsed holding the ``cpu`` lock)."""
         endpoint = f"{method} {path}"
         started = time.monotonic()
         response = self._send(method, path, fields, query)
@@ -934,12 +948,14 @@ class PrometheusClient:
                 size,
                 time.monotonic() - started,
             )
-            try:
-                return decode_json(text)
-            except (ValueError, RecursionError) as error:
-                raise self._not_json(
-                    error, text[:80], query=query, path=endpoint, status=status
-                ) from None
+            with self._cpu:
+                try:
+                    payload = decode_json(text)
+                except (ValueError, RecursionError) as error:
+                    raise self._not_json(
+                        error, text[:80], query=query, path=endpoint, status=status
+                    ) from None
+                return payload if parse is None else parse(payload)
         try:  # an error's body: its start is enough, and 64 KiB needs no budget
             body = self._read(response, _ERROR_BODY_BYTES)
         except UpstreamError as error:

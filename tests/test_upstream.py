@@ -412,6 +412,30 @@ def test_invalid_json_fails_as_json_loads_fails() -> None:
             assert upstream.decode_json(text, piece=100) == expected
 
 
+def test_answers_are_decoded_and_parsed_holding_the_cpu_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = threading.Lock()
+    held: list[bool] = []
+    decode, parse = upstream.decode_json, upstream.parse_vector
+
+    def decoding(text: str) -> Any:
+        held.append(cpu.locked())
+        return decode(text)
+
+    def parsing(payload: Any, query: str | None = None) -> QueryResult:
+        held.append(cpu.locked())
+        return parse(payload, query)
+
+    monkeypatch.setattr(upstream, "decode_json", decoding)
+    monkeypatch.setattr(upstream, "parse_vector", parsing)
+    with PrometheusClient(make_cfg(FAKE_URL), cpu=cpu) as client:
+        client.session.mount("http://", FakeTransport(
+            Answer(body=fixture_bytes("vector_triton.json"))))
+        assert len(client.instant("up", 1.0).frame) == 5
+    assert held == [True, True] and not cpu.locked()
+
+
 def test_scalar_is_one_row_without_labels() -> None:
     result = parse_vector(fixture("scalar.json"), "scalar(1)")
     assert list(result.frame.columns) == ["value"]
