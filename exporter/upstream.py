@@ -103,9 +103,44 @@ _SPACES = re.compile(r"\s+")
 _LABEL_DTYPE = pd.Series(["label"]).dtype
 
 
+#: Rows converted per call where one call over a whole answer would hold the interpreter lock
+#: for milliseconds (strings to floats or to a pandas string array, freeing decoded series):
+#: other threads, one serving a scrape among them, get it back between two such calls.
+SLICE = 8192
+
+
+def _slices(count: int) -> list[slice]:
+    return [slice(start, start + SLICE) for start in range(0, count, SLICE)]
+
+
 def _labels(values: Sequence[str] | np.ndarray) -> Any:
-    """A label column as a pandas array of the default string dtype (no copy into a Series)."""
-    return cast(Callable[..., Any], pd.array)(values, dtype=_LABEL_DTYPE)
+    """A label column as a pandas array of the default string dtype (no copy into a Series),
+    converted a slice at a time."""
+    array = cast(Callable[..., Any], pd.array)
+    if len(values) <= SLICE:
+        return array(values, dtype=_LABEL_DTYPE)
+    parts = [pd.Series(array(values[part], dtype=_LABEL_DTYPE), copy=False)
+             for part in _slices(len(values))]
+    return pd.concat(parts, ignore_index=True).array
+
+
+def _floats(texts: list[str]) -> np.ndarray:
+    """Sample values as float64, a slice at a time; numpy parses "NaN", "+Inf" and "-Inf"
+    like float() does."""
+    if len(texts) <= SLICE:
+        return np.array(texts, dtype=np.float64)
+    return np.concatenate([np.array(texts[part], dtype=np.float64)
+                           for part in _slices(len(texts))])
+
+
+def release(payload: Any) -> None:
+    """Free the series of a decoded answer (``data.result``) a slice at a time, as dropping
+    the answer would free them all in one go."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    result = data.get("result") if isinstance(data, dict) else None
+    if isinstance(result, list):
+        while result:
+            del result[-SLICE:]
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -269,7 +304,6 @@ def _decode_in_pieces(text: str, piece: int) -> Any:
     return payload
 
 
-
 def _bad(detail: str, query: str | None) -> UpstreamError:
     return UpstreamError("bad_response", detail, query=query)
 
@@ -389,8 +423,7 @@ def _bulk_samples(samples: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     if not (_types_within(stamps, _NUMBER) and _types_within(raw, _STR)):
         raise _Irregular
     try:
-        # numpy parses "NaN", "+Inf" and "-Inf" like float() does.
-        return np.array(stamps, dtype=np.float64), np.array(raw, dtype=np.float64)
+        return np.array(stamps, dtype=np.float64), _floats(raw)
     except (ValueError, OverflowError):
         raise _Irregular from None
 
@@ -955,7 +988,12 @@ class PrometheusClient:
                     raise self._not_json(
                         error, text[:80], query=query, path=endpoint, status=status
                     ) from None
-                return payload if parse is None else parse(payload)
+                if parse is None:
+                    return payload
+                try:
+                    return parse(payload)
+                finally:
+                    release(payload)
         try:  # an error's body: its start is enough, and 64 KiB needs no budget
             body = self._read(response, _ERROR_BODY_BYTES)
         except UpstreamError as error:

@@ -412,6 +412,27 @@ def test_invalid_json_fails_as_json_loads_fails() -> None:
             assert upstream.decode_json(text, piece=100) == expected
 
 
+def test_long_columns_are_converted_a_slice_at_a_time_to_the_same_arrays() -> None:
+    count = 2 * upstream.SLICE + 3
+    texts = [["1.5", "NaN", "+Inf", "-Inf", "1e300"][i % 5] for i in range(count)]
+    np.testing.assert_array_equal(upstream._floats(texts), np.array(texts, dtype=np.float64))
+    labels = [f"pod-{i % 7}" for i in range(count)]
+    converted = upstream._labels(labels)
+    assert converted.dtype == pd.Series(["x"]).dtype
+    assert converted.tolist() == labels
+    frame = parse_vector(vector(*(({"pod": p}, t) for p, t in zip(labels, texts, strict=True))))
+    assert frame.frame["pod"].tolist() == labels
+
+
+def test_release_frees_the_series_of_a_decoded_answer_in_place() -> None:
+    payload = vector(*(({"pod": str(i)}, "1") for i in range(upstream.SLICE + 5)))
+    series = payload["data"]["result"]
+    upstream.release(payload)
+    assert series == [] and payload["data"]["result"] is series
+    for other in (None, [], {"data": []}, {"data": {"result": "x"}}):
+        upstream.release(other)  # anything else is left as it is
+
+
 def test_answers_are_decoded_and_parsed_holding_the_cpu_lock(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
