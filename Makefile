@@ -67,8 +67,9 @@ generate: rules dashboard docs
 
 # Benchmarks against a backfilled Prometheus (benchmarks/README.md): S, M, L in about 3 min,
 # after the load run (50 scrapers for 30 s, then one scraper for 20 s with gzip and 20 s
-# without; ~2 min) whose figures docs/benchmarks.md also shows. The
-# exporter runs without pyarrow, as the image ships it (no extras; pandas would import it).
+# without, then one every 0.25 s for 30 s; ~2.5 min) whose figures docs/benchmarks.md also
+# shows. The exporter runs without pyarrow, as the image ships it (no extras; pandas would
+# import it).
 bench: prometheus
 	$(PY) benchmarks/load.py --json benchmarks/results/load.json
 	$(PY) benchmarks/run.py --no-pyarrow --json benchmarks/results/latest.json --markdown docs/benchmarks.md --with-json benchmarks/results/xl.json
@@ -87,6 +88,6 @@ bench-report: prometheus
 	$(PY) benchmarks/report_range.py --hours 168 --repeat 1 --json benchmarks/results/report.json --markdown docs/report-benchmark.md
 
 # 50 concurrent scrapers for 30 s against ~100k derived series while cycles run, then one
-# scraper (gzip, then plain) for 20 s each (docs/hardening.md).
+# scraper (gzip, then plain) for 20 s each, then one every 0.25 s for 30 s (docs/hardening.md).
 load: $(STAMP)
 	$(PY) benchmarks/load.py --json benchmarks/results/load.json

@@ -138,21 +138,30 @@ def _load_section(load: Mapping[str, Any]) -> list[str]:
         "",
         bench_report.markdown_table(bench_report.LOAD_HEADER, bench_report.load_rows(load)),
         "",
-        "### One scraper, the way Prometheus scrapes",
+        "### One scraper, back to back",
         "",
         "Then against the same exporter, still while cycles run: one client (one process) "
         "fetching /metrics back to back, with gzip and then without.",
         "",
-        *_one_scraper_table(load),
+        *_table("One scraper", bench_report.ONE_SCRAPER_HEADER,
+                bench_report.one_scraper_rows(load)),
+        "### One scraper at a fixed interval",
+        "",
+        "Last, one client (one process) sending a gzip request at a fixed interval whatever the "
+        "latency, as Prometheus scrapes: its scrapes land in cycles in proportion to the time "
+        "cycles run. A scrape overlapped a cycle when it was in flight while one ran (each "
+        "cycle's end and duration are read from the self-metrics of the answers).",
+        "",
+        *_table("One scraper at a fixed interval", bench_report.FIXED_HEADER,
+                bench_report.fixed_interval_rows(load)),
         *[f"- {line}" for line in bench_report.load_reading(load)],
     ]
 
 
-def _one_scraper_table(load: Mapping[str, Any]) -> list[str]:
-    rows = bench_report.one_scraper_rows(load)
+def _table(what: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     if not rows:
-        return [f"One scraper: {bench_report.NOT_MEASURED} (this run predates it).", ""]
-    return [bench_report.markdown_table(bench_report.ONE_SCRAPER_HEADER, rows), ""]
+        return [f"{what}: {bench_report.NOT_MEASURED} (this run predates it).", ""]
+    return [bench_report.markdown_table(header, rows), ""]
 
 
 def render(payload: Mapping[str, Any], extras: Sequence[Mapping[str, Any]],

@@ -7,19 +7,25 @@ version) pairs, 500 MIG slices). ``python -m exporter serve`` runs against it in
 processes, so the clients' GIL is not what is measured) fetch /metrics back to back for
 ``--seconds``, with ``Accept-Encoding: gzip`` as Prometheus sends it (``--no-gzip``: plain).
 Then, against the same exporter and still while cycles run, one scraper (in one process) does
-the same for ``--one-scraper-seconds`` with gzip, the way Prometheus scrapes, and as long
-again without (0 skips both).
+the same for ``--one-scraper-seconds`` with gzip, and as long again without (0 skips both).
+Last, one scraper (in one process, gzip) sends a request every ``--fixed-interval`` for
+``--fixed-seconds`` whatever the latency (0 skips it), as Prometheus scrapes: its scrapes land
+in cycles in proportion to the time cycles run, where a back-to-back scraper makes many
+between cycles and few during one. Which of them overlapped a cycle is told from the cycle
+figures in each answer's self-metrics (each cycle's end and duration).
 
 Printed: scrapes, errors (anything but a 200 with a complete body; must be 0), latency p50 /
 p99 / max, body size, and the exporter's CPU (its process CPU time over the wall time of the
 run, in cores), cycles run and their mean duration, its RSS at the end and its peak RSS (VmHWM:
 the most it held at any moment of the run); for each one-scraper run its scrapes, errors,
-latencies and body size. Not a timed test: a measurement.
+latencies and body size; for the fixed-interval one also the share of its scrapes that
+overlapped a cycle, their latencies and those of the rest, and the cycles' mean duration.
+Not a timed test: a measurement.
 The same figures are written as JSON to ``--json`` (default ``benchmarks/results/load.json``;
 the schema is :func:`as_json`), from which docs/benchmarks.md is rendered.
 
     .venv/bin/python benchmarks/load.py [--scrapers 50] [--seconds 30] [--interval 10s]
-        [--one-scraper-seconds 20]
+        [--one-scraper-seconds 20] [--fixed-interval 0.25s] [--fixed-seconds 30]
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +59,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalog, config
 from exporter.catalog import Selectors
+from exporter.config import parse_duration
 
 PREFIX = "triton_mig_exporter_"
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,12 +131,11 @@ def memory_mib(pid: int) -> dict[str, float]:
 
 
 def self_metrics(host: str, port: int) -> dict[str, float]:
-    conn = http.client.HTTPConnection(host, port, timeout=60)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
+    return parse_self_metrics(fetch(host, port, {}).decode())
+
+
+def parse_self_metrics(text: str) -> dict[str, float]:
+    """The exporter's own samples in an exposition: ``name,label=value,...`` -> value."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -135,6 +143,34 @@ def self_metrics(host: str, port: int) -> dict[str, float]:
                 key = sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[key] = sample.value
     return out
+
+
+def fetch(host: str, port: int, headers: Mapping[str, str]) -> bytes:
+    """One GET /metrics: its body; RuntimeError unless a 200 with the whole body."""
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers=dict(headers))
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    expected = int(response.getheader("Content-Length") or -1)
+    if response.status != 200 or len(body) != expected:
+        raise RuntimeError(f"HTTP {response.status}, {len(body)} of {expected} bytes")
+    return body
+
+
+def attempt(host: str, port: int, headers: Mapping[str, str], errors: list[str],
+            lock: threading.Lock) -> tuple[bytes, float] | None:
+    """One :func:`fetch` and its latency in seconds; None on an error (noted in ``errors``)."""
+    started = time.perf_counter()
+    try:
+        body = fetch(host, port, headers)
+    except Exception as error:
+        with lock:
+            errors.append(f"{type(error).__name__}: {error}")
+        return None
+    return body, time.perf_counter() - started
 
 
 def scrape_worker(host: str, port: int, threads: int, seconds: float,
@@ -149,24 +185,11 @@ def scrape_worker(host: str, port: int, threads: int, seconds: float,
 
     def loop() -> None:
         while time.monotonic() < deadline:
-            started = time.perf_counter()
-            try:
-                conn = http.client.HTTPConnection(host, port, timeout=30)
-                conn.request("GET", "/metrics", headers=headers)
-                response = conn.getresponse()
-                body = response.read()
-                conn.close()
-                expected = int(response.getheader("Content-Length") or -1)
-                if response.status != 200 or len(body) != expected:
-                    raise RuntimeError(f"HTTP {response.status}, {len(body)} of {expected} bytes")
-            except Exception as error:
+            got = attempt(host, port, headers, errors, lock)
+            if got is not None:
                 with lock:
-                    errors.append(f"{type(error).__name__}: {error}")
-                continue
-            elapsed = time.perf_counter() - started
-            with lock:
-                latencies.append(elapsed)
-                sizes.append(len(body))
+                    latencies.append(got[1])
+                    sizes.append(len(got[0]))
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
     for worker in workers:
@@ -176,6 +199,54 @@ def scrape_worker(host: str, port: int, threads: int, seconds: float,
     return latencies, len(errors), errors[:5], int(statistics.median(sizes)) if sizes else 0
 
 
+@dataclass(frozen=True)
+class Timed:
+    """One scrape of the fixed-interval scraper: when (wall clock, as the exporter's own
+    timestamps), how long, and the cycle figures its self-metrics block showed."""
+
+    start: float
+    end: float
+    latency: float
+    size: int
+    seen: dict[str, float]
+
+
+def self_block(body: bytes) -> dict[str, float]:
+    """The self-metrics of a gzip /metrics body: its first gzip member (the exporter writes
+    the self-metrics first, each derived family as a member of its own)."""
+    return parse_self_metrics(zlib.decompressobj(31).decompress(body).decode())
+
+
+def fixed_worker(host: str, port: int, interval: float,
+                 seconds: float) -> tuple[list[Timed], int, list[str]]:
+    """One scraper sending a gzip request every ``interval`` for ``seconds``, whatever the
+    latency (a late answer does not delay the next request): the scrapes and errors."""
+    timed: list[Timed] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    headers = {"Accept-Encoding": "gzip"}
+
+    def one() -> None:
+        start = time.time()
+        got = attempt(host, port, headers, errors, lock)
+        if got is not None:
+            body, latency = got
+            scrape = Timed(start, start + latency, latency, len(body), self_block(body))
+            with lock:
+                timed.append(scrape)
+
+    threads = []
+    first = time.monotonic()
+    for tick in range(max(1, round(seconds / interval))):
+        time.sleep(max(0.0, first + tick * interval - time.monotonic()))
+        thread = threading.Thread(target=one)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return timed, len(errors), errors[:5]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -183,6 +254,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
+
+
+def latency_figures(lat: list[float]) -> dict[str, Any]:
+    """``scrapes``, ``p50_ms``, ``p99_ms`` and ``max_ms`` of these latencies (0 for none)."""
+    return {
+        "scrapes": len(lat),
+        "p50_ms": ms(statistics.median(lat)) if lat else 0.0,
+        "p99_ms": ms(percentile(lat, 0.99)) if lat else 0.0,
+        "max_ms": ms(max(lat)) if lat else 0.0,
+    }
 
 
 @dataclass(frozen=True)
@@ -197,15 +278,9 @@ class Scraping:
 
     def figures(self) -> dict[str, Any]:
         """Scrapes, errors, latencies (ms) and body size: the JSON keys of every run."""
-        lat = self.latencies
-        return {
-            "scrapes": len(lat),
-            "errors": self.errors,
-            "p50_ms": ms(statistics.median(lat)) if lat else 0.0,
-            "p99_ms": ms(percentile(lat, 0.99)) if lat else 0.0,
-            "max_ms": ms(max(lat)) if lat else 0.0,
-            "body_bytes": self.body_bytes,
-        }
+        figures = latency_figures(self.latencies)
+        return {"scrapes": figures.pop("scrapes"), "errors": self.errors, **figures,
+                "body_bytes": self.body_bytes}
 
     def report(self, gzip: bool) -> None:
         lat = self.latencies
@@ -257,6 +332,69 @@ def one_scraper(host: str, port: int, seconds: float) -> dict[str, dict[str, Any
     return out
 
 
+COUNT = PREFIX + "cycle_duration_seconds_count"
+SUM = PREFIX + "cycle_duration_seconds_sum"
+FINISHED = PREFIX + "last_success_timestamp_seconds"
+
+
+def cycle_spans(seen: list[dict[str, float]]) -> list[tuple[float, float]]:
+    """The (start, end) wall-clock times of every cycle seen whole in these reads of the
+    self-metrics: a good cycle whose count was read along with the one before it. It ended
+    when it published (``last_success_timestamp_seconds``) and lasted the difference of the
+    duration sums."""
+    by_count = {int(m[COUNT]): m for m in seen if COUNT in m}
+    spans = []
+    for count, after in sorted(by_count.items()):
+        before = by_count.get(count - 1)
+        if before is None or after.get(FINISHED) == before.get(FINISHED):
+            continue  # not seen whole, or a failed cycle (no success time published)
+        end = after.get(FINISHED, 0.0)
+        spans.append((end - (after[SUM] - before[SUM]), end))
+    return spans
+
+
+def fixed_interval(host: str, port: int, interval: float,
+                   seconds: float) -> dict[str, Any]:
+    """One scraper (one process, gzip) every ``interval`` for ``seconds``, as Prometheus
+    scrapes: its figures, and which scrapes overlapped a cycle."""
+    print(f"one scraper every {interval:g} s for {seconds:g} s, gzip", flush=True)
+    before = self_metrics(host, port)
+    started = time.monotonic()
+    with ProcessPoolExecutor(1) as pool:
+        timed, errors, samples = pool.submit(fixed_worker, host, port, interval,
+                                             seconds).result()
+    wall = time.monotonic() - started
+    seen = [before, *(t.seen for t in timed), self_metrics(host, port)]
+    # A cycle still running after the last scrape is seen whole once it has published.
+    longest = max((end - start for start, end in cycle_spans(seen)), default=3.0)
+    deadline = time.monotonic() + 1.5 * longest
+    while seen[-1].get(COUNT) == seen[-2].get(COUNT) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen.append(self_metrics(host, port))
+    spans = cycle_spans(seen)
+    during: list[float] = []
+    between: list[float] = []
+    for t in timed:
+        overlaps = any(t.start < end and t.end > start for start, end in spans)
+        (during if overlaps else between).append(t.latency)
+    cycles, cycle_mean = cycles_between(before, seen[-1])
+    run = Scraping(latencies=[t.latency for t in timed], errors=errors, samples=samples,
+                   body_bytes=int(statistics.median(t.size for t in timed)) if timed else 0,
+                   wall=wall)
+    run.report(True)
+    share = len(during) / len(timed) if timed else 0.0
+    figures = {"during_cycles": latency_figures(during),
+               "between_cycles": latency_figures(between)}
+    for name, part in figures.items():
+        print(f"  {name.replace('_', ' ')}: {part['scrapes']} scrapes, p50 {part['p50_ms']} ms, "
+              f"p99 {part['p99_ms']} ms, max {part['max_ms']} ms")
+    print(f"  {share:.0%} of the scrapes overlapped a cycle; {cycles:.0f} cycles ran, mean "
+          f"{cycle_mean:.2f} s")
+    return {"interval_s": interval, "seconds": round(wall, 2), **run.figures(),
+            "cycles": int(cycles), "cycle_mean_s": round(cycle_mean, 3),
+            "overlap_share": round(share, 3), **figures}
+
+
 def machine() -> dict[str, Any]:
     cpu = bench_report.cpu_model()
     return {
@@ -278,11 +416,16 @@ def command_line(argv: list[str]) -> str:
 
 def as_json(args: argparse.Namespace, *, series: float, main: Scraping, cpu: float,
             cycles: float, cycle_mean: float, rss_mib: float, peak_rss_mib: float,
-            one: dict[str, dict[str, Any]] | None, command: str) -> dict[str, Any]:
+            one: dict[str, dict[str, Any]] | None, fixed: dict[str, Any] | None,
+            command: str) -> dict[str, Any]:
     """The run as JSON: exactly these keys (docs/benchmarks.md is rendered from them).
 
     ``one_scraper`` is ``{"gzip": {...}, "plain": {...}}``, each with ``seconds``, the keys of
-    :meth:`Scraping.figures` and ``cycles``; null when ``--one-scraper-seconds`` is 0."""
+    :meth:`Scraping.figures` and ``cycles``; null when ``--one-scraper-seconds`` is 0.
+    ``fixed_interval`` (see :func:`fixed_interval`) has ``interval_s``, ``seconds``, the keys
+    of :meth:`Scraping.figures`, ``cycles``, ``cycle_mean_s``, ``overlap_share`` (of the
+    scrapes, those that overlapped a cycle), and ``during_cycles`` and ``between_cycles``
+    (each the keys of :func:`latency_figures`); null when ``--fixed-seconds`` is 0."""
     return {
         "machine": machine(),
         "scrapers": args.scrapers,
@@ -297,6 +440,7 @@ def as_json(args: argparse.Namespace, *, series: float, main: Scraping, cpu: flo
         "rss_mib": round(rss_mib, 1),
         "peak_rss_mib": round(peak_rss_mib, 1),
         "one_scraper": one,
+        "fixed_interval": fixed,
         "command": command,
     }
 
@@ -316,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-scraper-seconds", type=float, default=20.0,
                         help="then one scraper this long with gzip and as long without "
                         "(0: skip; default %(default)s)")
+    parser.add_argument("--fixed-interval", type=parse_duration, default="0.25s",
+                        help="then one scraper sending a gzip request this often, whatever the "
+                        "latency, as Prometheus does (default %(default)s)")
+    parser.add_argument("--fixed-seconds", type=float, default=30.0,
+                        help="for this long (0: skip; default %(default)s)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="write the results here as JSON (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -385,15 +534,19 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[str]) -> int:
     print(f"exporter CPU: {cpu:.1f} s over {main.wall:.1f} s = {cpu / main.wall:.2f} cores; "
           f"{cycles:.0f} cycles ran, mean {cycle_mean:.2f} s; cycle outcomes {outcomes}")
     one = one_scraper(host, port, args.one_scraper_seconds) if args.one_scraper_seconds else None
+    fixed = (fixed_interval(host, port, args.fixed_interval, args.fixed_seconds)
+             if args.fixed_seconds else None)
     memory = memory_mib(proc.pid)
     print(f"exporter RSS {memory['VmRSS']:.0f} MiB (peak {memory['VmHWM']:.0f} MiB)")
     document = as_json(args, series=series, main=main, cpu=cpu, cycles=cycles,
                        cycle_mean=cycle_mean, rss_mib=memory["VmRSS"],
-                       peak_rss_mib=memory["VmHWM"], one=one, command=args.command)
+                       peak_rss_mib=memory["VmHWM"], one=one, fixed=fixed,
+                       command=args.command)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     print(f"results written to {args.json}")
-    errors = main.errors + sum(r["errors"] for r in (one or {}).values())
+    runs = [*(one or {}).values(), *([fixed] if fixed else [])]
+    errors = main.errors + sum(r["errors"] for r in runs)
     return 1 if errors else 0
 
 

@@ -31,7 +31,7 @@ from exporter import (
 )
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
-from exporter.service import Service, wait_for_signal
+from exporter.service import Service, tune_interpreter, wait_for_signal
 from exporter.web import bcrypt_hash, hash_password
 from exporter.worker import compute, evaluation_time, exposition, series_labels
 
@@ -168,6 +168,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     service = Service(cfg)
+    tune_interpreter()
     try:
         service.start()
     except OSError as error:

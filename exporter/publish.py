@@ -41,7 +41,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter import __version__, catalog
 from exporter.derive import VALUE, DeriveError
-from exporter.upstream import OUTCOMES
+from exporter.upstream import OUTCOMES, SLICE
 
 # The *_created series double the self-metrics for no use to a dashboard or alert.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -91,7 +91,9 @@ def format_values(values: np.ndarray) -> list[str]:
     """``floatToGoString`` of every value. ``repr`` is the same string below 1e6 in magnitude;
     only the rest (Go's exponent form, +-Inf, NaN) goes through prometheus-client's function."""
     floats = values.tolist()
-    texts = list(map(repr, floats))
+    texts: list[str] = []
+    for part in range(0, len(floats), SLICE):  # map in one go holds the interpreter lock
+        texts += map(repr, floats[part : part + SLICE])
     for i in np.flatnonzero(~(np.abs(values) < 1e6)).tolist():  # NaN compares False: included
         texts[i] = floatToGoString(floats[i])  # type: ignore[no-untyped-call]
     return texts

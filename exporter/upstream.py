@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -64,6 +64,7 @@ __all__ = [
     "QueryResult",
     "Reason",
     "UpstreamError",
+    "decode_json",
     "parse_envelope",
     "parse_matrix",
     "parse_vector",
@@ -102,9 +103,44 @@ _SPACES = re.compile(r"\s+")
 _LABEL_DTYPE = pd.Series(["label"]).dtype
 
 
+#: Rows converted per call where one call over a whole answer would hold the interpreter lock
+#: for milliseconds (strings to floats or to a pandas string array, freeing decoded series):
+#: other threads, one serving a scrape among them, get it back between two such calls.
+SLICE = 8192
+
+
+def _slices(count: int) -> list[slice]:
+    return [slice(start, start + SLICE) for start in range(0, count, SLICE)]
+
+
 def _labels(values: Sequence[str] | np.ndarray) -> Any:
-    """A label column as a pandas array of the default string dtype (no copy into a Series)."""
-    return cast(Callable[..., Any], pd.array)(values, dtype=_LABEL_DTYPE)
+    """A label column as a pandas array of the default string dtype (no copy into a Series),
+    converted a slice at a time."""
+    array = cast(Callable[..., Any], pd.array)
+    if len(values) <= SLICE:
+        return array(values, dtype=_LABEL_DTYPE)
+    parts = [pd.Series(array(values[part], dtype=_LABEL_DTYPE), copy=False)
+             for part in _slices(len(values))]
+    return pd.concat(parts, ignore_index=True).array
+
+
+def _floats(texts: list[str]) -> np.ndarray:
+    """Sample values as float64, a slice at a time; numpy parses "NaN", "+Inf" and "-Inf"
+    like float() does."""
+    if len(texts) <= SLICE:
+        return np.array(texts, dtype=np.float64)
+    return np.concatenate([np.array(texts[part], dtype=np.float64)
+                           for part in _slices(len(texts))])
+
+
+def release(payload: Any) -> None:
+    """Free the series of a decoded answer (``data.result``) a slice at a time, as dropping
+    the answer would free them all in one go."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    result = data.get("result") if isinstance(data, dict) else None
+    if isinstance(result, list):
+        while result:
+            del result[-SLICE:]
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -215,6 +251,57 @@ class Querier(Protocol):
 
 
 # --- parsing (pure) -----------------------------------------------------------------------------
+
+#: An answer's series are decoded this many characters at a time (under a millisecond of
+#: json.loads): json.loads holds the interpreter lock for the whole of one call, about 35 ms for
+#: an answer of 30k series (4 MB), and meanwhile no other thread runs, /metrics' included.
+JSON_PIECE = 64 * 1024
+_RESULT = '"result"'
+_RESULT_LIST = re.compile(r'"result"\s*:\s*\[')
+#: Between two series of a result list. Never inside a string: there every ``"`` is escaped.
+_NEXT_SERIES = re.compile(r'\}[ \t\n\r]*,[ \t\n\r]*(\{)\s*"metric"\s*:')
+_DECODER = json.JSONDecoder()
+
+
+def decode_json(text: str, piece: int = JSON_PIECE) -> Any:
+    """``json.loads(text)``, with the ``data.result`` list of a long answer decoded a piece of
+    about ``piece`` characters at a time, so other threads get the interpreter in between.
+
+    Same value, same errors: an answer that does not decode that way for any reason (several
+    ``"result"`` strings in it, other JSON than an API answer, invalid JSON) is decoded in one
+    call.
+    """
+    if len(text) > 2 * piece and text.count(_RESULT) == 1:
+        try:
+            return _decode_in_pieces(text, piece)
+        except (ValueError, RecursionError, _Irregular):
+            pass  # json.loads says what is wrong, or copes
+    return json.loads(text)
+
+
+def _decode_in_pieces(text: str, piece: int) -> Any:
+    """The pieces are whole series (JSON values of their own), cut where one series ends and
+    the next begins; the envelope is decoded with the result list empty, then given the series.
+    The only ``"result"`` in the text is the key whose list is cut (a label value, a warning
+    or another key of that name makes :func:`decode_json` decode in one call)."""
+    found = _RESULT_LIST.search(text)
+    if found is None:
+        raise _Irregular
+    start = position = found.end()  # just after the list's "["
+    series: list[Any] = []
+    while (cut := _NEXT_SERIES.search(text, position + piece)) is not None:
+        series += json.loads("[" + text[position : cut.start() + 1] + "]")
+        position = cut.start(1)
+    # The last series and what follows the list: raw_decode stops at the list's "]".
+    last, end = _DECODER.raw_decode("[" + text[position:])
+    series += last
+    close = position + end - 2  # the list's "]" in text
+    payload = json.loads(text[:start] + text[close:])
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict) or data.get("result") != []:
+        raise _Irregular
+    data["result"] = series
+    return payload
 
 
 def _bad(detail: str, query: str | None) -> UpstreamError:
@@ -336,8 +423,7 @@ def _bulk_samples(samples: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     if not (_types_within(stamps, _NUMBER) and _types_within(raw, _STR)):
         raise _Irregular
     try:
-        # numpy parses "NaN", "+Inf" and "-Inf" like float() does.
-        return np.array(stamps, dtype=np.float64), np.array(raw, dtype=np.float64)
+        return np.array(stamps, dtype=np.float64), _floats(raw)
     except (ValueError, OverflowError):
         raise _Irregular from None
 
@@ -637,6 +723,12 @@ class PrometheusClient:
     flight at once together by ``cfg.cycle_response_bytes`` (:class:`ResponseBudget`; an
     answer held from its first byte until it is parsed): the worker runs one cycle at a time,
     so the calls in flight are the queries of one cycle.
+
+    Answers are decoded and parsed one at a time, holding ``cpu`` (by default a lock of this
+    client's): that work runs under the interpreter lock, so answers decoded at once would only
+    take turns on it, and each thread doing so is one more that every other thread (one serving
+    a scrape) waits behind for its turn. Given the lock that other CPU work holds (the worker's
+    derivation), the two take turns the same way.
     """
 
     def __init__(
@@ -644,8 +736,10 @@ class PrometheusClient:
         cfg: UpstreamConfig,
         *,
         on_request: Callable[[str, float], None] | None = None,
+        cpu: AbstractContextManager[Any] | None = None,
     ) -> None:
         self._cfg = cfg
+        self._cpu = cpu if cpu is not None else threading.Lock()
         self._budget = ResponseBudget(cfg.cycle_response_bytes)
         self._base = cfg.url.rstrip("/")
         self._on_request = on_request
@@ -702,8 +796,10 @@ class PrometheusClient:
         """Evaluate ``query`` at ``at`` (Unix seconds): a ``vector`` or ``scalar`` answer."""
         form = {"query": query, "time": _time(at), "timeout": self._query_timeout}
         with self._observe(), self._share() as share:
-            payload = self._call("POST", "/api/v1/query", form, query, share)
-            return parse_vector(payload, query)
+            result: QueryResult = self._call(
+                "POST", "/api/v1/query", form, query, share, lambda p: parse_vector(p, query)
+            )
+            return result
 
     def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
         """Evaluate ``query`` over ``[start, end]`` every ``step`` seconds: a ``matrix`` answer."""
@@ -717,8 +813,10 @@ class PrometheusClient:
             "timeout": self._query_timeout,
         }
         with self._observe(), self._share() as share:
-            payload = self._call("POST", "/api/v1/query_range", form, query, share)
-            return parse_matrix(payload, query)
+            result: QueryResult = self._call(
+                "POST", "/api/v1/query_range", form, query, share, lambda p: parse_matrix(p, query)
+            )
+            return result
 
     def label_names(self) -> list[str]:
         with self._observe("GET /api/v1/labels"), self._share() as share:
@@ -860,8 +958,10 @@ class PrometheusClient:
         fields: Mapping[str, Any] | None,
         query: str | None,
         share: _Share,
+        parse: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Send one request (retries included) and return the decoded JSON of a 2xx answer."""
+        """Send one request (retries included) and return the decoded JSON of a 2xx answer, or
+        what ``parse`` makes of it (decoded and parsed holding the ``cpu`` lock)."""
         endpoint = f"{method} {path}"
         started = time.monotonic()
         response = self._send(method, path, fields, query)
@@ -881,12 +981,19 @@ class PrometheusClient:
                 size,
                 time.monotonic() - started,
             )
-            try:
-                return json.loads(text)
-            except (ValueError, RecursionError) as error:
-                raise self._not_json(
-                    error, text[:80], query=query, path=endpoint, status=status
-                ) from None
+            with self._cpu:
+                try:
+                    payload = decode_json(text)
+                except (ValueError, RecursionError) as error:
+                    raise self._not_json(
+                        error, text[:80], query=query, path=endpoint, status=status
+                    ) from None
+                if parse is None:
+                    return payload
+                try:
+                    return parse(payload)
+                finally:
+                    release(payload)
         try:  # an error's body: its start is enough, and 64 KiB needs no budget
             body = self._read(response, _ERROR_BODY_BYTES)
         except UpstreamError as error:

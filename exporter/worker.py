@@ -6,15 +6,17 @@ so a slow cycle makes the scheduler skip ticks (counted as missed) instead of qu
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed, wait
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
@@ -161,7 +163,9 @@ class Assembly:
 
     Each answer's input tables are prepared when it arrives, and each series is derived (and
     rendered, given its labels) once every base query it reads has answered, while the others
-    are still in flight: after the last answer only what depends on it is left.
+    are still in flight: after the last answer only what depends on it is left. That work holds
+    ``cpu`` (see :class:`~exporter.upstream.PrometheusClient`, which decodes answers holding
+    the same lock in a live cycle).
     """
 
     def __init__(
@@ -169,10 +173,12 @@ class Assembly:
         sel: Selectors,
         plan: derive.Plan,
         labels: Mapping[str, tuple[str, ...]] | None = None,
+        cpu: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.sel = sel
         self.plan = plan
         self.labels = labels
+        self.cpu = cpu if cpu is not None else nullcontext()
         self.frames: dict[str, pd.DataFrame] = {}
         self.prepared: dict[derive.Need, derive.Table] = {}
         self.derived: dict[str, pd.DataFrame | derive.DeriveError] = {}
@@ -181,20 +187,22 @@ class Assembly:
         self._pending = [series.name for series in catalog.SERIES]
 
     def answer(self, name: str, frame: pd.DataFrame) -> None:
-        self.frames[name] = frame
-        self.prepared.update(
-            derive.prepare(name, frame, self.sel, self.plan.tables_of(name))
-        )
-        answered = self.frames.keys()
-        ready = [s for s in self._pending if self.plan.queries_of(s) <= answered]
-        if ready:
-            self._derive(ready)
+        with self.cpu:
+            self.frames[name] = frame
+            self.prepared.update(
+                derive.prepare(name, frame, self.sel, self.plan.tables_of(name))
+            )
+            answered = self.frames.keys()
+            ready = [s for s in self._pending if self.plan.queries_of(s) <= answered]
+            if ready:
+                self._derive(ready)
 
     def finish(self) -> dict[str, pd.DataFrame | derive.DeriveError]:
         """Every series, in catalog order: the rest derived now (missing inputs included)."""
-        if self._pending:
-            self._derive(list(self._pending))
-        return {series.name: self.derived[series.name] for series in catalog.SERIES}
+        with self.cpu:
+            if self._pending:
+                self._derive(list(self._pending))
+            return {series.name: self.derived[series.name] for series in catalog.SERIES}
 
     def _derive(self, names: list[str]) -> None:
         out = derive.derive_all(self.frames, self.sel, prepared=self.prepared, only=names)
@@ -219,15 +227,16 @@ def compute(
     plan: derive.Plan | None = None,
     labels: Mapping[str, tuple[str, ...]] | None = None,
     pool: Executor | None = None,
+    cpu: AbstractContextManager[Any] | None = None,
 ) -> CycleReport:
     """One cycle's figures at instant ``at`` (no publishing): what ``once`` prints.
 
     With ``labels`` the derived families are also rendered (``report.rendered``) as they are
-    derived, for :meth:`Publisher.publish`.
+    derived, for :meth:`Publisher.publish`. ``cpu``: see :class:`Assembly`.
     """
     started = time.monotonic()
     report = CycleReport(evaluated_at=at)
-    assembly = Assembly(sel, plan or derive.plan(sel), labels)
+    assembly = Assembly(sel, plan or derive.plan(sel), labels, cpu)
     query_base(querier, sel, at, report, concurrency, assembly.answer, pool)
     report.derived = assembly.finish()
     report.rendered = assembly.rendered
@@ -236,7 +245,11 @@ def compute(
 
 
 class Worker:
-    """Runs cycles against one upstream and publishes them."""
+    """Runs cycles against one upstream and publishes them.
+
+    ``cpu``: held while a cycle derives and renders (see :class:`Assembly`); give the querier
+    the same lock for decoding its answers.
+    """
 
     def __init__(
         self,
@@ -245,6 +258,7 @@ class Worker:
         publisher: Publisher,
         metrics: SelfMetrics,
         clock: Callable[[], float] = time.time,
+        cpu: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.sel = Selectors.from_config(cfg)
@@ -259,6 +273,7 @@ class Worker:
         self._idle = threading.Event()
         self._idle.set()
         self._pool: Executor | None = None
+        self.cpu = cpu
 
     def run_cycle(self) -> CycleReport:
         ev = self.cfg.evaluation
@@ -269,7 +284,7 @@ class Worker:
             # millisecond before the first request and after the last answer.
             self._pool = _query_pool(self.cfg.upstream.concurrency)
         report = compute(self.querier, self.sel, at, self.cfg.upstream.concurrency,
-                         plan=self.plan, labels=self.labels, pool=self._pool)
+                         plan=self.plan, labels=self.labels, pool=self._pool, cpu=self.cpu)
         self.publisher.publish(report.derived, self.labels, at, report.good,
                                rendered=report.rendered)
         report.seconds = time.monotonic() - started
@@ -307,6 +322,9 @@ class Worker:
             log.exception("cycle crashed")
             self.metrics.cycles.labels("failure").inc()
         finally:
+            # The cycle's garbage in one full collection, now that its answers and frames are
+            # gone (exporter.service.tune_interpreter leaves serve no automatic ones).
+            gc.collect()
             self._idle.set()
 
     def _on_missed(self, event: JobExecutionEvent) -> None:

@@ -57,6 +57,15 @@ def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_serve_tunes_the_interpreter_for_scrapes_during_cycles() -> None:
+    code = ("import gc, sys; from exporter import service; service.tune_interpreter(); "
+            "print(sys.getswitchinterval(), gc.get_threshold()[2], gc.get_freeze_count() > 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.split() == ["0.0005", "1000", "True"]
+    assert "tune_interpreter()" in Path(cli.__file__).read_text()
+
+
 @pytest.mark.parametrize("text, seconds", [
     ("1764000000", 1764000000.0),
     ("1764000000.5", 1764000000.5),

@@ -31,6 +31,7 @@ from exporter.upstream import (
     PrometheusClient,
     QueryResult,
     UpstreamError,
+    decode_json,
     parse_matrix,
     parse_vector,
 )
@@ -97,6 +98,25 @@ def parsed_or_refused(parse: Any, document: Any) -> QueryResult | None:
 def test_the_parser_gives_a_frame_or_an_upstream_error_for_any_json(document: Any) -> None:
     parsed_or_refused(parse_vector, document)
     parsed_or_refused(parse_matrix, document)
+
+
+def decoded(decode: Any, text: str) -> str:
+    """What ``decode`` makes of ``text``, or the error it raises, as comparable text."""
+    try:
+        return json.dumps(decode(text))
+    except (ValueError, RecursionError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+@PROPERTY
+@given(near_valid | any_json, st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 1}]),
+       st.integers(1, 64), st.integers(0, 10_000), st.sampled_from(["", "x", "}", ",", " "]))
+def test_decoding_in_pieces_is_json_loads_for_any_text(
+    document: Any, dumps: dict[str, Any], piece: int, at: int, edit: str
+) -> None:
+    text = json.dumps(document, **dumps)
+    for variant in (text, text[:at] + edit + text[at + 1:]):
+        assert decoded(lambda t: decode_json(t, piece), variant) == decoded(json.loads, variant)
 
 
 class _Body(BaseAdapter):

@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from exporter import catalog, config, publish
+from exporter import catalog, config, publish, upstream
 from exporter.catalog import Selectors
 from exporter.publish import Publisher, SelfMetrics, SnapshotCollector
 from exporter.upstream import QueryResult, UpstreamError
@@ -317,6 +317,11 @@ def test_values_are_formatted_as_float_to_go_string() -> None:
     values = np.array([*VALUES, math.inf, -math.inf, math.nan, 2.5e6, 1e15, 1e16])
     expected = [floatToGoString(v) for v in values.tolist()]  # type: ignore[no-untyped-call]
     assert publish.format_values(values) == expected
+    # Formatted a slice at a time: the same strings, in order, across slices.
+    count = 2 * upstream.SLICE + 5
+    many = np.resize(values, count) + np.arange(count) / 8
+    expected = [floatToGoString(v) for v in many.tolist()]  # type: ignore[no-untyped-call]
+    assert publish.format_values(many) == expected
 
 
 def test_snapshot_keeps_bytes_only_and_the_collector_parses_them_back() -> None:

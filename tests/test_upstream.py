@@ -38,6 +38,7 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import InsecureRequestWarning
 
+from exporter import upstream
 from exporter.config import ConfigError, UpstreamConfig
 from exporter.upstream import (
     OUTCOMES,
@@ -346,6 +347,114 @@ def test_vector_irregular_input_takes_the_checked_path_with_same_result() -> Non
     frame = parse_vector(irregular).frame
     pd.testing.assert_frame_equal(parse_vector(regular).frame, frame)
     assert frame["value"].tolist()[2:] == [math.inf, -math.inf]
+
+
+def answer_text(count: int, **dumps: Any) -> str:
+    """An instant answer of ``count`` series whose label values look like JSON syntax."""
+    tricky = ['},{"metric":', '"result":[', "]}}", "\\", '\\"', "{", "ü \u2028", "a"]
+    result = [{"metric": {"pod": f"p{i}", "odd": tricky[i % len(tricky)]},
+               "value": [1700000000.5, str(i)]} for i in range(count)]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result},
+                       "warnings": ["w"]}, **dumps)
+
+
+@pytest.mark.parametrize("dumps", [
+    {"separators": (",", ":")}, {}, {"indent": 1}, {"ensure_ascii": False}],
+    ids=["compact", "spaced", "indented", "unicode"])
+def test_a_long_answer_is_decoded_in_pieces_to_what_json_loads_gives(
+    dumps: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = answer_text(200, **dumps)
+    expected = json.loads(text)
+    decoded: list[int] = []
+    loads = json.loads
+
+    def recording(piece: str) -> Any:
+        decoded.append(len(piece))
+        return loads(piece)
+
+    monkeypatch.setattr(upstream.json, "loads", recording)
+    assert upstream.decode_json(text, piece=500) == expected
+    # Series a few at a time, and the envelope without them: never the whole text at once.
+    assert len(decoded) > 10
+    assert max(decoded) < 1000
+
+
+@pytest.mark.parametrize("text", [
+    answer_text(0), answer_text(1), answer_text(200).replace('"w"', '"result"'),
+    answer_text(200).replace('"pod"', '"result"'), json.dumps(list(range(2000))),
+    json.dumps({"data": {"result": list(range(2000))}}),
+    json.dumps({"status": "success", "data": [{"metric": {}, "x": 1}] * 200, "result": []}),
+])
+def test_any_other_json_decodes_as_json_loads_decodes_it(text: str) -> None:
+    assert upstream.decode_json(text, piece=100) == json.loads(text)
+
+
+def _cuts(text: str) -> Iterator[str]:
+    for at in range(0, len(text), 97):
+        yield text[:at]
+        yield text[:at] + "x" + text[at:]
+        yield text[:at] + text[at + 1:]
+    yield text + "x"
+    yield text.replace(",", "\u00a0,", 5)
+    yield text.replace("},{", "}\u00a0,{")
+
+
+def test_invalid_json_fails_as_json_loads_fails() -> None:
+    for text in _cuts(answer_text(40)):
+        try:
+            expected: Any = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            with pytest.raises(type(error)) as caught:
+                upstream.decode_json(text, piece=100)
+            assert str(caught.value) == str(error)
+        else:
+            assert upstream.decode_json(text, piece=100) == expected
+
+
+def test_long_columns_are_converted_a_slice_at_a_time_to_the_same_arrays() -> None:
+    count = 2 * upstream.SLICE + 3
+    texts = [["1.5", "NaN", "+Inf", "-Inf", "1e300"][i % 5] for i in range(count)]
+    np.testing.assert_array_equal(upstream._floats(texts), np.array(texts, dtype=np.float64))
+    labels = [f"pod-{i % 7}" for i in range(count)]
+    converted = upstream._labels(labels)
+    assert converted.dtype == pd.Series(["x"]).dtype
+    assert converted.tolist() == labels
+    frame = parse_vector(vector(*(({"pod": p}, t) for p, t in zip(labels, texts, strict=True))))
+    assert frame.frame["pod"].tolist() == labels
+
+
+def test_release_frees_the_series_of_a_decoded_answer_in_place() -> None:
+    payload = vector(*(({"pod": str(i)}, "1") for i in range(upstream.SLICE + 5)))
+    series = payload["data"]["result"]
+    upstream.release(payload)
+    assert series == [] and payload["data"]["result"] is series
+    for other in (None, [], {"data": []}, {"data": {"result": "x"}}):
+        upstream.release(other)  # anything else is left as it is
+
+
+def test_answers_are_decoded_and_parsed_holding_the_cpu_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = threading.Lock()
+    held: list[bool] = []
+    decode, parse = upstream.decode_json, upstream.parse_vector
+
+    def decoding(text: str) -> Any:
+        held.append(cpu.locked())
+        return decode(text)
+
+    def parsing(payload: Any, query: str | None = None) -> QueryResult:
+        held.append(cpu.locked())
+        return parse(payload, query)
+
+    monkeypatch.setattr(upstream, "decode_json", decoding)
+    monkeypatch.setattr(upstream, "parse_vector", parsing)
+    with PrometheusClient(make_cfg(FAKE_URL), cpu=cpu) as client:
+        client.session.mount("http://", FakeTransport(
+            Answer(body=fixture_bytes("vector_triton.json"))))
+        assert len(client.instant("up", 1.0).frame) == 5
+    assert held == [True, True] and not cpu.locked()
 
 
 def test_scalar_is_one_row_without_labels() -> None:

@@ -147,3 +147,52 @@ def test_the_query_threads_are_kept_across_cycles_and_stopped_with_the_worker() 
         thread.join(5)
     assert not any(thread.is_alive() for thread in first)
     assert cycle.run_cycle().good  # a later cycle starts a new pool
+
+
+class Turns:
+    """A lock that notes whether it was held whenever ``check`` runs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def check(self) -> None:
+        self.seen.append(self.lock.locked())
+
+
+def test_a_cycle_derives_and_renders_holding_the_cpu_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    turns = Turns()
+    derive_all = derive.derive_all
+
+    def deriving(*args: object, **kwargs: object) -> object:
+        turns.check()
+        return derive_all(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(derive, "derive_all", deriving)
+    publisher = Publisher(CFG.evaluation.staleness_bound)
+    cycle = worker.Worker(CFG, Upstream(), publisher, SelfMetrics(publisher), cpu=turns)
+    assert cycle.run_cycle().good
+    assert turns.seen and all(turns.seen) and not turns.lock.locked()
+    cycle.stop()
+
+
+def test_each_scheduled_cycle_ends_with_a_garbage_collection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collected: list[bool] = []
+    publisher = Publisher(CFG.evaluation.staleness_bound)
+    cycle = worker.Worker(CFG, Upstream(), publisher, SelfMetrics(publisher))
+    monkeypatch.setattr(worker.gc, "collect", lambda: collected.append(cycle._idle.is_set()))
+    cycle._safe_cycle()
+    monkeypatch.setattr(cycle, "run_cycle", lambda: 1 / 0)
+    cycle._safe_cycle()  # a crashed cycle's garbage too
+    assert collected == [False, False]
+    cycle.stop()
