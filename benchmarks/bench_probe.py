@@ -1,18 +1,21 @@
 """The exporter under measurement, in its own process (so its peak RSS is its own).
 
 Run as a script, it wires the exporter as ``exporter.service.Service`` does (PrometheusClient with
-``on_request``, Worker, Publisher, SelfMetrics, ``exporter.web.serve`` on 127.0.0.1:0) with the
+``on_request``, Worker, Publisher, SelfMetrics, ``exporter.web.serve`` on 127.0.0.1:0, in one
+process as ``web.scrape_process: false`` serves: the scrapes here run between cycles) with the
 worker's clock pinned to the benchmark's instant, then answers one JSON line per command read on
 stdin:
 
 * ``cycle``: one ``Worker.run_cycle`` with its timings (see :func:`_cycle`);
-* ``scrapes``: the server-side time of each ``App.metrics_body`` call since the last ``scrapes``;
-* ``rss``: peak and current resident set size;
+* ``scrapes``: the server-side time of each ``metrics_parts`` call (the body's pieces: the
+  self-metrics rendered, the families' bytes picked) since the last ``scrapes``;
+* ``rss``: peak and current resident set size, of this process and of the scrape process
+  (started as serve starts it, fed each cycle's snapshot);
 * ``quit`` (or end of stdin): stop.
 
 Timing hooks are wrappers installed at run time around ``exporter.worker.query_base``,
-``exporter.derive.derive_all``, ``Publisher.publish`` and ``App.metrics_body``, and a response
-hook on the client's session; the exporter's code is not changed.
+``exporter.derive.derive_all``, ``Publisher.publish`` and ``InProcess.metrics_parts``, and a
+response hook on the client's session; the exporter's code is not changed.
 
 :class:`Probe` is the parent's handle on that process.
 """
@@ -35,9 +38,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def _status_kb(field: str) -> int:
+def _status_kb(field: str, pid: int | str = "self") -> int:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -45,14 +48,20 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def rss() -> dict[str, float]:
-    """Peak and current resident set size, MiB.
+def rss(scrape_pid: int | None = None) -> dict[str, float]:
+    """Peak and current resident set size, MiB; of the scrape process too when given
+    (``scrape_vmhwm_mb``, ``scrape_vmrss_mb``).
 
     ``vmhwm_mb`` (VmHWM) is the one reported: on Linux ``ru_maxrss`` of a process started with
     fork + exec also counts the parent's resident set at the fork (the pre-exec copy), so with
     a large parent it reports the parent's size.
     """
+    scrape = {} if scrape_pid is None else {
+        "scrape_vmhwm_mb": _status_kb("VmHWM", scrape_pid) / 1024.0,
+        "scrape_vmrss_mb": _status_kb("VmRSS", scrape_pid) / 1024.0,
+    }
     return {
+        **scrape,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "vmhwm_mb": _status_kb("VmHWM") / 1024.0,
         "vmrss_mb": _status_kb("VmRSS") / 1024.0,
@@ -111,7 +120,7 @@ class Exporter:
         import requests
 
         from exporter import config, derive, web, worker
-        from exporter.publish import Publisher, SelfMetrics
+        from exporter.publish import InProcess, Publisher, SelfMetrics
         from exporter.upstream import PrometheusClient
 
         timer = TIMER
@@ -129,12 +138,12 @@ class Exporter:
         self.body_times: list[float] = []
         body_times = self.body_times
 
-        class TimedApp(web.App):
-            def metrics_body(self, gzipped: bool) -> bytes:
+        class TimedSource(InProcess):
+            def metrics_parts(self, gzipped: bool) -> list[bytes]:
                 started = time.perf_counter()
-                body = super().metrics_body(gzipped)
+                parts = super().metrics_parts(gzipped)
                 body_times.append(time.perf_counter() - started)
-                return body
+                return parts
 
         upstream_cfg: dict[str, Any] = {"url": upstream, "timeout": "120s"}
         if concurrency is not None:
@@ -167,23 +176,39 @@ class Exporter:
         self.client.session.hooks["response"].append(on_response)
         self.worker = worker.Worker(self.cfg, self.client, self.publisher, self.metrics,
                                     clock=lambda: at)
-        self.app = TimedApp(self.publisher, self.metrics)
+        self.app = web.App(TimedSource(self.publisher, self.metrics))
         self.derive_error = derive.DeriveError
         #: Base queries in flight at once (upstream.concurrency; 1 before that setting existed).
         self.concurrency = int(getattr(self.cfg.upstream, "concurrency", 1))
         self.server: Any = None
+        self.scrapes: Any = None
 
     def serve(self) -> int:
-        from exporter import web
+        """Serve the timed /metrics here; start the scrape process serve would run (on a
+        port of its own, fed each cycle's snapshot: :meth:`feed`) for its memory."""
+        from exporter import catalog, web
+        from exporter.scrape_process import ScrapeProcess, Settings
 
         self.server = web.serve(self.app, "127.0.0.1", 0)
+        with web.listen("127.0.0.1", 0) as sock:
+            self.scrapes = ScrapeProcess(sock, Settings(
+                self.cfg.evaluation.staleness_bound,
+                tuple(series.name for series in catalog.SERIES)))
         return int(self.server.server_address[1])
+
+    def feed(self) -> None:
+        """Send the scrape process the latest snapshot, as serve's relay does after a cycle."""
+        if self.scrapes is not None:
+            self.scrapes.send(self.publisher.snapshot, self.metrics.counters_body())
 
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        if self.scrapes is not None:
+            self.scrapes.stop()
+            self.scrapes = None
         self.client.close()
 
 
@@ -206,6 +231,7 @@ def serve_probe(upstream: str, prom: str, at: float, window: str, interval: str,
         started = time.perf_counter()
         report = exporter.worker.run_cycle()
         wall = time.perf_counter() - started
+        exporter.feed()  # after the timing: serve's relay sends it from another thread
         delta = query_stats(prom, stats_session) - before
         parts = timer.take()
         snapshot = publisher.snapshot
@@ -236,7 +262,7 @@ def serve_probe(upstream: str, prom: str, at: float, window: str, interval: str,
         sys.stdout.write(json.dumps(payload) + "\n")
         sys.stdout.flush()
 
-    reply({"ready": True, "port": port, "pid": os.getpid(), **rss()})
+    reply({"ready": True, "port": port, "pid": os.getpid(), **rss(exporter.scrapes.pid)})
     try:
         for line in sys.stdin:
             command = line.strip()
@@ -246,7 +272,7 @@ def serve_probe(upstream: str, prom: str, at: float, window: str, interval: str,
                 reply({"seconds": body_times[:]})
                 body_times.clear()
             elif command == "rss":
-                reply(rss())
+                reply(rss(exporter.scrapes.pid))
             elif command == "quit":
                 break
             else:

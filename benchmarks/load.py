@@ -120,14 +120,33 @@ def start_upstream(bodies: dict[str, bytes]) -> ThreadingHTTPServer:
     return server
 
 
+def exporter_pids(pid: int) -> list[int]:
+    """serve's process and its children (the scrape process, unless web.scrape_process is
+    false)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of serve's process and its children."""
+    total = 0.0
+    for one in exporter_pids(pid):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def memory_mib(pid: int) -> dict[str, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return {k: int(v) / 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+)", status, re.M)}
+    """VmRSS and VmHWM (peak) summed over serve's process and its children (the sum of the
+    peaks bounds the peak of the sum), and ``VmRSS_<n>`` / ``VmHWM_<n>`` of each (0: serve's
+    own)."""
+    out: dict[str, float] = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for n, one in enumerate(exporter_pids(pid)):
+        status = Path(f"/proc/{one}/status").read_text()
+        for key, kib in re.findall(r"^(VmRSS|VmHWM):\s+(\d+)", status, re.M):
+            out[key] += int(kib) / 1024
+            out[f"{key}_{n}"] = int(kib) / 1024
+    return out
 
 
 def self_metrics(host: str, port: int) -> dict[str, float]:
@@ -416,6 +435,7 @@ def command_line(argv: list[str]) -> str:
 
 def as_json(args: argparse.Namespace, *, series: float, main: Scraping, cpu: float,
             cycles: float, cycle_mean: float, rss_mib: float, peak_rss_mib: float,
+            peak_rss_by_process: list[float],
             one: dict[str, dict[str, Any]] | None, fixed: dict[str, Any] | None,
             command: str) -> dict[str, Any]:
     """The run as JSON: exactly these keys (docs/benchmarks.md is rendered from them).
@@ -439,6 +459,11 @@ def as_json(args: argparse.Namespace, *, series: float, main: Scraping, cpu: flo
         "cycle_mean_s": round(cycle_mean, 3),
         "rss_mib": round(rss_mib, 1),
         "peak_rss_mib": round(peak_rss_mib, 1),
+        "scrape_process": bool(args.scrape_process),
+        # Peak RSS of serve's own process, and of its scrape process (null without one).
+        "peak_rss_mib_main": round(peak_rss_by_process[0], 1),
+        "peak_rss_mib_scrape": (round(peak_rss_by_process[1], 1)
+                                if len(peak_rss_by_process) > 1 else None),
         "one_scraper": one,
         "fixed_interval": fixed,
         "command": command,
@@ -465,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                         "latency, as Prometheus does (default %(default)s)")
     parser.add_argument("--fixed-seconds", type=float, default=30.0,
                         help="for this long (0: skip; default %(default)s)")
+    parser.add_argument("--single-process", dest="scrape_process", action="store_false",
+                        help="run serve with web.scrape_process: false (scrapes answered by "
+                        "the process that runs the cycles)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="write the results here as JSON (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -479,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             "upstream": {"url": f"http://127.0.0.1:{upstream.server_address[1]}",
                          "timeout": "60s"},
             "evaluation": {"interval": args.interval},
-            "web": {"listen_address": "127.0.0.1:0"},
+            "web": {"listen_address": "127.0.0.1:0", "scrape_process": args.scrape_process},
         }))
         proc = subprocess.Popen([sys.executable, "-m", "exporter", "serve", "--config.file",
                                  str(cfg)], stderr=subprocess.PIPE, text=True)
@@ -537,10 +565,14 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[str]) -> int:
     fixed = (fixed_interval(host, port, args.fixed_interval, args.fixed_seconds)
              if args.fixed_seconds else None)
     memory = memory_mib(proc.pid)
-    print(f"exporter RSS {memory['VmRSS']:.0f} MiB (peak {memory['VmHWM']:.0f} MiB)")
+    print(f"exporter RSS {memory['VmRSS']:.0f} MiB (peak {memory['VmHWM']:.0f} MiB; of which "
+          f"serve's own process {memory['VmHWM_0']:.0f} MiB)")
     document = as_json(args, series=series, main=main, cpu=cpu, cycles=cycles,
                        cycle_mean=cycle_mean, rss_mib=memory["VmRSS"],
-                       peak_rss_mib=memory["VmHWM"], one=one, fixed=fixed,
+                       peak_rss_mib=memory["VmHWM"],
+                       peak_rss_by_process=[memory[k] for k in sorted(memory)
+                                            if k.startswith("VmHWM_")],
+                       one=one, fixed=fixed,
                        command=args.command)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")

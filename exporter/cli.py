@@ -31,6 +31,7 @@ from exporter import (
 )
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
+from exporter.scrape_process import ScrapeProcessError
 from exporter.service import Service, tune_interpreter, wait_for_signal
 from exporter.web import bcrypt_hash, hash_password
 from exporter.worker import compute, evaluation_time, exposition, series_labels
@@ -176,19 +177,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         service.stop()
         return 1
+    except ScrapeProcessError as error:
+        print(f"error: {error}", file=sys.stderr)
+        service.stop()
+        return 1
     try:
-        wait_for_signal()
+        wait_for_signal(service.failed)
     finally:
+        if service.failed.is_set():
+            log.error("%s", service.failure)
         log.info("shutting down")
         idle = service.stop()
+    code = 1 if service.failed.is_set() else 0
     if not idle:
         # A cycle is still waiting on the upstream; its thread would hold the interpreter
         # open until its requests time out. Nothing it would produce is needed any more.
         log.warning("leaving a cycle in progress behind")
         logging.shutdown()
         sys.stdout.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 def cmd_once(args: argparse.Namespace) -> int:

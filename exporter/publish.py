@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import gzip
 import platform
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 
 import numpy as np
@@ -33,7 +32,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -41,40 +40,23 @@ from prometheus_client.utils import floatToGoString
 
 from exporter import __version__, catalog
 from exporter.derive import VALUE, DeriveError
+from exporter.snapshot import (
+    CONTENT_TYPE,
+    PREFIX,
+    RenderedFamily,
+    Snapshot,
+    SnapshotHolder,
+    state_registry,
+)
 from exporter.upstream import OUTCOMES, SLICE
 
 # The *_created series double the self-metrics for no use to a dashboard or alert.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-PREFIX = "triton_mig_exporter_"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@dataclass(frozen=True)
-class RenderedFamily:
-    """One derived family, built and rendered in the cycle that computed it."""
-
-    name: str
-    body: bytes
-    body_gzip: bytes
-    series: int
-    computed_at: float
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything a scrape needs, never mutated after construction."""
-
-    families: Mapping[str, RenderedFamily] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    #: Wall-clock time the latest cycle finished, good or not.
-    cycle_at: float | None = None
-    #: Whether every base query of the latest cycle answered.
-    cycle_good: bool = False
-    #: Wall-clock time of the latest good cycle and the evaluation instant it used.
-    good_at: float | None = None
-    evaluated_at: float | None = None
+__all__ = [
+    "CONTENT_TYPE", "PREFIX", "InProcess", "Publisher", "RenderedFamily", "SelfMetrics",
+    "Snapshot", "SnapshotCollector", "exposition", "render_family",
+]
 
 
 def escape_label_value(value: str) -> str:
@@ -140,13 +122,8 @@ def render_family(
     return RenderedFamily(series.name, body, gzip.compress(body, 6, mtime=0), len(table), now)
 
 
-class Publisher:
+class Publisher(SnapshotHolder):
     """Holds the current snapshot; the worker publishes, scrapes read."""
-
-    def __init__(self, staleness: float, clock: Callable[[], float] = time.time) -> None:
-        self.staleness = staleness
-        self.clock = clock
-        self.snapshot = Snapshot()
 
     def publish(
         self,
@@ -186,28 +163,6 @@ class Publisher:
         self.snapshot = snapshot  # the one assignment readers observe
         return snapshot
 
-    def fresh(self, snapshot: Snapshot, now: float) -> list[RenderedFamily]:
-        return [
-            family
-            for family in snapshot.families.values()
-            if now - family.computed_at <= self.staleness
-        ]
-
-    def upstream_up(self, snapshot: Snapshot, now: float) -> bool:
-        return (
-            snapshot.cycle_good
-            and snapshot.cycle_at is not None
-            and now - snapshot.cycle_at <= self.staleness
-        )
-
-    def ready(self, snapshot: Snapshot, now: float) -> bool:
-        return snapshot.good_at is not None and now - snapshot.good_at <= self.staleness
-
-    def derived_body(self, gzipped: bool = False) -> bytes:
-        snapshot = self.snapshot
-        families = self.fresh(snapshot, self.clock())
-        return b"".join(f.body_gzip if gzipped else f.body for f in families)
-
 
 class SnapshotCollector(Collector):
     """A prometheus-client collector over the publisher's current snapshot (no I/O).
@@ -225,45 +180,6 @@ class SnapshotCollector(Collector):
         publisher = self._publisher
         for family in publisher.fresh(publisher.snapshot, publisher.clock()):
             yield from text_string_to_metric_families(family.body.decode("utf-8"))
-
-
-class _StateCollector(Collector):
-    """Self-metrics read off the snapshot at scrape time."""
-
-    def __init__(self, publisher: Publisher) -> None:
-        self._publisher = publisher
-
-    def describe(self) -> Iterable[Metric]:
-        return ()
-
-    def collect(self) -> Iterator[Metric]:
-        publisher = self._publisher
-        snapshot = publisher.snapshot
-        now = publisher.clock()
-        yield GaugeMetricFamily(
-            PREFIX + "upstream_up",
-            "1 when the latest cycle got an answer to every upstream query and is not stale.",
-            value=1.0 if publisher.upstream_up(snapshot, now) else 0.0,
-        )
-        yield GaugeMetricFamily(
-            PREFIX + "last_success_timestamp_seconds",
-            "Unix time the latest good cycle finished (0 before the first).",
-            value=snapshot.good_at or 0.0,
-        )
-        yield GaugeMetricFamily(
-            PREFIX + "last_evaluation_timestamp_seconds",
-            "The evaluation instant (now - eval_delay, aligned) of the latest good cycle.",
-            value=snapshot.evaluated_at or 0.0,
-        )
-        fresh = {family.name: family.series for family in publisher.fresh(snapshot, now)}
-        published = GaugeMetricFamily(
-            PREFIX + "series",
-            "Series published per derived family (0 when withdrawn).",
-            labels=["family"],
-        )
-        for series in catalog.SERIES:
-            published.add_metric([series.name], float(fresh.get(series.name, 0)))
-        yield published
 
 
 class SelfMetrics:
@@ -322,12 +238,33 @@ class SelfMetrics:
             self.upstream_requests.labels(outcome)
         for series in catalog.SERIES:
             self.family_errors.labels(series.name)
-        r.register(_StateCollector(publisher))
+        #: The gauges read off the snapshot, rendered per scrape by whoever serves it.
+        self.state = state_registry(publisher, [series.name for series in catalog.SERIES])
 
     def observe_request(self, outcome: str, seconds: float) -> None:
         self.upstream_requests.labels(outcome).inc()
         self.upstream_request_duration.observe(seconds)
 
+    def counters_body(self) -> bytes:
+        """The instrumentation the cycle updates (all but the snapshot's gauges)."""
+        return generate_latest(self.registry)
+
     def body(self, gzipped: bool = False) -> bytes:
-        body = generate_latest(self.registry)
+        body = self.counters_body() + generate_latest(self.state)
         return gzip.compress(body, 6, mtime=0) if gzipped else body
+
+
+class InProcess:
+    """/metrics served by the exporter's own process: self-metrics rendered per scrape, then
+    the fresh families. (``serve`` uses :mod:`exporter.scrape_process` unless told not to.)"""
+
+    def __init__(self, publisher: Publisher, metrics: SelfMetrics) -> None:
+        self.publisher = publisher
+        self.metrics = metrics
+
+    def metrics_parts(self, gzipped: bool) -> list[bytes]:
+        return [self.metrics.body(gzipped), *self.publisher.derived_parts(gzipped)]
+
+    def ready(self) -> bool:
+        publisher = self.publisher
+        return publisher.ready(publisher.snapshot, publisher.clock())

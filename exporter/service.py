@@ -14,9 +14,11 @@ import threading
 from http.server import ThreadingHTTPServer
 from types import FrameType
 
-from exporter import upstream, web
+from exporter import catalog, upstream, web
 from exporter.config import TLS_VERSIONS, Config, ConfigError
-from exporter.publish import Publisher, SelfMetrics
+from exporter.publish import InProcess, Publisher, SelfMetrics
+from exporter.scrape_process import REFRESH, ScrapeProcess, Settings, TLSSettings
+from exporter.snapshot import Snapshot
 from exporter.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,10 @@ class Service:
         self.client = upstream.PrometheusClient(
             cfg.upstream, on_request=self.metrics.observe_request, cpu=cpu
         )
-        self.worker = Worker(cfg, self.client, self.publisher, self.metrics, cpu=cpu)
+        #: Set at the end of each cycle: the relay sends the scrape process the new snapshot.
+        self._cycle_done = threading.Event()
+        self.worker = Worker(cfg, self.client, self.publisher, self.metrics, cpu=cpu,
+                             on_cycle_end=self._cycle_done.set)
         served = cfg.web.served()
         tls = served.tls_server_config
         self.tls: web.TLSFiles | None = None
@@ -89,15 +94,39 @@ class Service:
             except (OSError, ssl.SSLError) as error:
                 raise ConfigError(
                     f"{tls.cert_file}: cannot load the TLS certificate: {error}") from None
-        users = served.basic_auth_users
-        self.auth = web.BasicAuth(users) if users else None
+        self._users = dict(served.basic_auth_users)
+        self.auth = web.BasicAuth(self._users) if self._users else None
         self._server: ThreadingHTTPServer | None = None
+        self.scrapes: ScrapeProcess | None = None
+        self._relay: threading.Thread | None = None
+        self._stopping = threading.Event()
+        #: Set when serving cannot go on (the scrape process died); :attr:`failure` says why.
+        self.failed = threading.Event()
+        self.failure = ""
+        self._address: tuple[str, int] | None = None
 
     def start(self) -> None:
-        """Listen first (so a busy port fails fast), then start cycling."""
+        """Listen first (so a busy port fails fast: OSError), then start the scrape process
+        (:class:`ScrapeProcessError` if it does not) or the server thread, then cycling."""
         host, port = self.cfg.web.host_port
-        app = web.App(self.publisher, self.metrics, self.auth)
-        self._server = web.serve(app, host, port, tls=self.tls)
+        sock = web.listen(host, port)
+        self._address = (str(sock.getsockname()[0]), int(sock.getsockname()[1]))
+        if self.cfg.web.scrape_process:
+            settings = Settings(
+                staleness=self.cfg.evaluation.staleness_bound,
+                families=tuple(series.name for series in catalog.SERIES),
+                log_level=logging.getLogger().getEffectiveLevel(),
+                tls=None if self.tls is None else TLSSettings.of(self.tls),
+                users=self._users,
+            )
+            with sock:  # the child has its own copy
+                self.scrapes = ScrapeProcess(sock, settings)
+            self._relay = threading.Thread(target=self._relay_updates, name="relay",
+                                           daemon=True)
+            self._relay.start()
+        else:
+            app = web.App(InProcess(self.publisher, self.metrics), self.auth)
+            self._server = web.serve_socket(app, sock, tls=self.tls)
         self.worker.start()
         if self.auth is not None and self.tls is None:
             log.warning("basic auth without TLS: passwords are sent in clear text")
@@ -107,11 +136,31 @@ class Service:
             self.cfg.evaluation.window,
         )
 
+    def _relay_updates(self) -> None:
+        """Send the scrape process each cycle's snapshot (and the self-metrics at least every
+        :data:`REFRESH` seconds) until stopped or it is gone."""
+        scrapes = self.scrapes
+        assert scrapes is not None
+        sent: Snapshot | None = None
+        while not self._stopping.is_set():
+            snapshot = self.publisher.snapshot
+            try:
+                scrapes.send(None if snapshot is sent else snapshot, self.metrics.counters_body())
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                code = scrapes.exit_code()
+                self.failure = f"the scrape process exited (code {code}): /metrics is down"
+                self.failed.set()
+                return
+            sent = snapshot
+            self._cycle_done.wait(REFRESH)
+            self._cycle_done.clear()
+
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None, "not started"
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        assert self._address is not None, "not started"
+        return self._address
 
     @property
     def metrics_url(self) -> str:
@@ -125,6 +174,14 @@ class Service:
     def stop(self) -> bool:
         """Stop; False when a cycle was still running (see :meth:`Worker.stop`)."""
         idle = self.worker.stop()
+        self._stopping.set()
+        self._cycle_done.set()
+        if self._relay is not None:
+            self._relay.join()
+            self._relay = None
+        if self.scrapes is not None:
+            self.scrapes.stop()
+            self.scrapes = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -133,8 +190,8 @@ class Service:
         return idle
 
 
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT (Ctrl-C)."""
+def wait_for_signal(failed: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT (Ctrl-C), or until ``failed`` is set."""
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -143,7 +200,8 @@ def wait_for_signal() -> None:
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while not stop.wait(0.5):
-            pass
+            if failed is not None and failed.is_set():
+                return
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -259,7 +259,10 @@ class Worker:
         metrics: SelfMetrics,
         clock: Callable[[], float] = time.time,
         cpu: AbstractContextManager[Any] | None = None,
+        on_cycle_end: Callable[[], None] | None = None,
     ) -> None:
+        """``on_cycle_end``: called after each scheduled cycle, once it is published and
+        accounted for, good or not."""
         self.cfg = cfg
         self.sel = Selectors.from_config(cfg)
         self.labels = series_labels(self.sel)
@@ -274,6 +277,7 @@ class Worker:
         self._idle.set()
         self._pool: Executor | None = None
         self.cpu = cpu
+        self.on_cycle_end = on_cycle_end
 
     def run_cycle(self) -> CycleReport:
         ev = self.cfg.evaluation
@@ -326,6 +330,8 @@ class Worker:
             # gone (exporter.service.tune_interpreter leaves serve no automatic ones).
             gc.collect()
             self._idle.set()
+            if self.on_cycle_end is not None:
+                self.on_cycle_end()
 
     def _on_missed(self, event: JobExecutionEvent) -> None:
         self.metrics.cycles_missed.inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,10 @@ class Stack:
     window: float
     started: float
 
-    def config_file(self, tmp_path: Path, **evaluation: Any) -> Path:
+    def config_file(self, tmp_path: Path, web: Mapping[str, Any] | None = None,
+                    **evaluation: Any) -> Path:
+        """An exporter configuration against this Prometheus (``web``: keys added to the web
+        section; ``evaluation``: to the evaluation section)."""
         path = tmp_path / "exporter.yaml"
         settings = {"window": f"{self.window:g}s", "scrape_interval": f"{self.scrape:g}s",
                     "interval": "1s", **evaluation}
@@ -53,7 +56,7 @@ class Stack:
             "upstream": {"url": self.prom.url, "timeout": "2s", "retries": 1,
                          "backoff": "100ms"},
             "evaluation": settings,
-            "web": {"listen_address": "127.0.0.1:0"},
+            "web": {"listen_address": "127.0.0.1:0", **(web or {})},
         }))
         return path
 

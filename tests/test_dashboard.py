@@ -37,7 +37,8 @@ def default_dashboard() -> dict[str, Any]:
 def self_metric_names() -> set[str]:
     """Every sample name the exporter's own registry exposes (with _total, _bucket, ...)."""
     metrics = SelfMetrics(Publisher(90.0))
-    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    families = [*metrics.registry.collect(), *metrics.state.collect()]
+    return {sample.name for family in families for sample in family.samples}
 
 
 # --------------------------------------------------------------------------------------------

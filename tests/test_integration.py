@@ -10,11 +10,14 @@ simulator computing a value and Prometheus stamping the scrape: relative errors 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -152,10 +155,10 @@ def test_a_server_restart_gives_no_negative_rate(stack: Stack, tmp_path: Path) -
 
 
 class Serve:
-    def __init__(self, stack: Stack, tmp_path: Path) -> None:
+    def __init__(self, stack: Stack, tmp_path: Path, web: dict[str, Any] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", "serve", "--config.file",
-             str(stack.config_file(tmp_path))],
+             str(stack.config_file(tmp_path, web=web))],
             stderr=subprocess.PIPE, text=True)
         self.url = ""
         line = ""
@@ -238,6 +241,76 @@ def test_gzip_scrape_and_self_metrics_over_http(stack: Stack, tmp_path: Path) ->
         assert figures["triton_mig_exporter_upstream_requests_total"][
             (("outcome", "ok"),)] >= len(catalog.BASE_QUERIES)
         assert not any(math.isnan(v) for f in figures.values() for v in f.values())
+    finally:
+        serve.stop()
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie nobody has reaped yet counts: it holds nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_scrapes_are_answered_while_the_cycling_process_is_stopped(
+        stack: Stack, tmp_path: Path) -> None:
+    """/metrics comes from the scrape process: it answers while serve's own process cannot
+    run at all, and it goes when serve goes, freeing the port."""
+    serve = Serve(stack, tmp_path)
+    try:
+        [child] = children(serve.proc.pid)
+        assert "exporter.scrape_process" in Path(f"/proc/{child}/cmdline").read_text()
+        wait_for(lambda: ":nv_inference_count:rate" in serve.figures(), 20, what="figures")
+        os.kill(serve.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                response = serve.get("/metrics")
+                assert response.status_code == 200
+                assert ":nv_inference_count:rate" in parse(response.text)
+        finally:
+            os.kill(serve.proc.pid, signal.SIGCONT)
+        serve.proc.kill()
+        serve.proc.wait(5)
+        wait_for(lambda: gone(child), 5, what="the scrape process to exit with serve")
+        port = int(serve.url.rsplit(":", 1)[1])
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))  # OSError if anything still listens
+    finally:
+        serve.stop()
+
+
+def test_serve_exits_with_an_error_when_its_scrape_process_dies(
+        stack: Stack, tmp_path: Path) -> None:
+    serve = Serve(stack, tmp_path)
+    try:
+        [child] = children(serve.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        assert serve.proc.wait(10) == 1
+        assert serve.proc.stderr is not None
+        assert "the scrape process exited (code -9): /metrics is down" in serve.proc.stderr.read()
+    finally:
+        serve.stop()
+
+
+def test_one_process_serves_the_same_families(stack: Stack, tmp_path: Path) -> None:
+    serve = Serve(stack, tmp_path, web={"scrape_process": False})
+    try:
+        assert children(serve.proc.pid) == []
+        wait_for(lambda: serve.get("/readyz").status_code == 200, 20, what="ready")
+        figures = wait_for(
+            lambda: (f := serve.figures()).get(":triton_model_concurrency:ratio") and f,
+            20, what="derived figures")
+        assert figures["triton_mig_exporter_upstream_up"][()] == 1.0
+        published = {name for name in figures if not name.startswith("triton_mig_exporter_")}
+        assert published <= {series.name for series in catalog.SERIES}
+        assert len(published) >= len(catalog.SERIES) - 1  # the cache family may be absent
     finally:
         serve.stop()
 

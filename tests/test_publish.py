@@ -17,7 +17,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter import catalog, config, publish, upstream
 from exporter.catalog import Selectors
-from exporter.publish import Publisher, SelfMetrics, SnapshotCollector
+from exporter.publish import InProcess, Publisher, SelfMetrics, SnapshotCollector
 from exporter.upstream import QueryResult, UpstreamError
 from exporter.web import App
 from exporter.worker import Worker, evaluation_time
@@ -85,7 +85,7 @@ def test_one_cycle_queries_a_fixed_set_at_one_instant_and_publishes_every_family
     assert len(upstream.calls) == len(catalog.BASE_QUERIES)
     assert {at for _, at in upstream.calls} == {evaluation_time(clock.now, 0, 30)}
     assert report.good
-    body = App(publisher, metrics).metrics_body(gzipped=False)
+    body = App(InProcess(publisher, metrics)).metrics_body(gzipped=False)
     samples = parse(body)
     for series in catalog.SERIES:
         assert series.name in samples or series.name.replace(":", "_") in str(samples.keys()) \
@@ -100,7 +100,7 @@ def test_one_cycle_queries_a_fixed_set_at_one_instant_and_publishes_every_family
 def test_gzip_body_is_the_same_exposition() -> None:
     worker, _, publisher, metrics, _ = make()
     worker.run_cycle()
-    app = App(publisher, metrics)
+    app = App(InProcess(publisher, metrics))
     plain = app.metrics_body(gzipped=False)
     assert gzip.decompress(app.metrics_body(gzipped=True)) == plain
 
@@ -115,19 +115,19 @@ def test_snapshot_collector_yields_what_is_served() -> None:
 
 def test_self_metrics_exist_before_the_first_cycle() -> None:
     _, _, publisher, metrics, _ = make()
-    samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
+    samples = parse(App(InProcess(publisher, metrics)).metrics_body(gzipped=False))
     assert samples["triton_mig_exporter_upstream_up"][()] == 0.0
     assert samples["triton_mig_exporter_cycles_missed_total"][()] == 0.0
     assert samples["triton_mig_exporter_upstream_requests_total"][(("outcome", "timeout"),)] == 0
     errors = samples["triton_mig_exporter_family_errors_total"]
     assert len(errors) == len(catalog.SERIES)
     assert ":nv_inference_count:rate" not in samples
-    assert not App(publisher, metrics).ready()
+    assert not App(InProcess(publisher, metrics)).ready()
 
 
 def test_failed_upstream_keeps_figures_until_stale_then_withdraws_them() -> None:
     worker, upstream, publisher, metrics, clock = make()
-    app = App(publisher, metrics)
+    app = App(InProcess(publisher, metrics))
     worker.run_cycle()
     upstream.failing = {"*"}
     clock.now += 30
@@ -156,7 +156,7 @@ def test_one_failing_query_fails_only_its_families() -> None:
     upstream.failing = {"DCGM_FI_PROF_DRAM_ACTIVE"}
     report = worker.run_cycle()
     assert report.outcome == "partial"
-    samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
+    samples = parse(App(InProcess(publisher, metrics)).metrics_body(gzipped=False))
     assert "gpu_instance:dcgm_dram_active:avg" not in samples
     assert ":dcgm_tensor_active:sum" in samples
     errors = samples["triton_mig_exporter_family_errors_total"]
@@ -172,7 +172,7 @@ def test_vanished_series_vanish_in_the_next_cycle() -> None:
         if q.source is catalog.Source.TRITON:
             upstream.frames[q.promql(SEL)] = only_a
     worker.run_cycle()
-    body = App(publisher, metrics).metrics_body(gzipped=False).decode()
+    body = App(InProcess(publisher, metrics)).metrics_body(gzipped=False).decode()
     assert 'model="a"' in body and 'model="b"' not in body
 
 
@@ -184,7 +184,7 @@ def test_label_values_are_escaped_in_the_exposition(value: str) -> None:
         if q.source is catalog.Source.TRITON:
             upstream.frames[q.promql(SEL)] = frame
     worker.run_cycle()
-    samples = parse(App(publisher, metrics).metrics_body(gzipped=False))
+    samples = parse(App(InProcess(publisher, metrics)).metrics_body(gzipped=False))
     assert samples["model_version:nv_inference_count:rate"][
         (("model", value), ("version", "1"))] == 2.0
 
