@@ -982,12 +982,16 @@ class PrometheusClient:
                 time.monotonic() - started,
             )
             with self._cpu:
+                failure = None
                 try:
                     payload = decode_json(text)
                 except (ValueError, RecursionError) as error:
-                    raise self._not_json(
-                        error, text[:80], query=query, path=endpoint, status=status
-                    ) from None
+                    failure = self._not_json(
+                        error, text[:80], query=query, path=endpoint, status=status)
+                if failure is not None:
+                    # Raised outside the handler: the decoder's error holds the whole answer
+                    # (JSONDecodeError.doc), which must not ride along as its __context__.
+                    raise failure
                 if parse is None:
                     return payload
                 try:
@@ -1144,6 +1148,7 @@ class PrometheusClient:
                     reason, f"reading the answer: {detail}", query=query, endpoint=path
                 ) from None
             encoding = json.detect_encoding(bytes(buffer[: min(4, size)]))
+            failure = None
             try:
                 with memoryview(buffer) as view, view[:size] as body:
                     text = str(body, encoding, "surrogatepass")
@@ -1151,9 +1156,16 @@ class PrometheusClient:
                 # Redacted before it is shown: a window wide enough for a whole credential.
                 head = self._redact_body(bytearray(buffer[: 80 + self._longest_secret()]))
                 start = bytes(head[:80]).decode("utf-8", "replace")
-                raise self._not_json(
-                    error, start, query=query, path=path, status=response.status_code
-                ) from None
+                failure = self._not_json(
+                    error, start, query=query, path=path, status=response.status_code)
+            if failure is not None:
+                # Raised outside the handler: UnicodeDecodeError.object is the whole answer,
+                # unredacted, and must not ride along as its __context__; nor may a local of
+                # this frame hold any of it (error trackers capture locals).
+                chunk = b""
+                if isinstance(buffer, bytearray):
+                    del buffer[:]
+                raise failure
         finally:
             if isinstance(buffer, mmap.mmap):
                 buffer.close()

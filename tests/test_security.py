@@ -275,7 +275,19 @@ def test_exception_traces_never_show_the_credentials(
     cut = start_fake(cleanup)  # announces 1000 bytes, sends 10 and hangs up
     cut.answer = lambda seen: Reply(body=iter([b'{"status":']), headers={"Content-Length": "1000"})
     tls = start_fake(cleanup, tls=pki.server_context())  # signed by a CA the client does not know
+    # 200 answers that echo the credentials past their first 80 bytes (what a message shows),
+    # in a body that is not JSON, or not even UTF-8: the decoders' errors hold the whole body.
+    not_json = start_fake(cleanup)
+    not_json.answer = lambda seen: Reply(
+        body=b"<html>" + b" " * 100 + str(seen.headers.get("authorization")).encode())
+    not_utf8 = start_fake(cleanup)
+    not_utf8.answer = lambda seen: Reply(
+        body=b"{" + b" " * 100 + str(seen.headers.get("authorization")).encode() + b"\xff}")
     cases = {  # upstream settings, reason, what the message says
+        "200 not JSON, echoing the credentials": ({"url": not_json.url}, "bad_response",
+                                                  "not valid JSON"),
+        "200 not UTF-8, echoing the credentials": ({"url": not_utf8.url}, "bad_response",
+                                                   "not valid JSON"),
         "connection refused": ({"url": refused}, "connection", "Connection refused"),
         "401 echoing the credentials": ({"url": echo.url}, "http_4xx",
                                         "HTTP 401: unauthorized: bad credentials: "),
@@ -442,7 +454,7 @@ def test_web_config_file_serves_tls_verifies_client_certificates_and_bcrypt_user
 
 def test_password_hashes() -> None:
     hashed = hash_password("correct horse", rounds=1000)
-    assert config.PASSWORD_HASH.match(hashed)
+    assert web.PASSWORD_HASH.match(hashed)
     assert hashed.startswith("$pbkdf2-sha256$1000$")
     assert verify_password("correct horse", hashed)
     assert not verify_password("correct horse ", hashed)
@@ -457,7 +469,7 @@ def test_password_hashes() -> None:
 
 def test_bcrypt_hashes() -> None:
     hashed = bcrypt_hash("correct horse", 4)
-    assert config.BCRYPT_HASH.match(hashed) and hashed.startswith("$2b$04$")
+    assert web.BCRYPT_HASH.match(hashed) and hashed.startswith("$2b$04$")
     assert verify_password("correct horse", hashed)
     assert not verify_password("correct horse ", hashed)
     for prefix in ("$2y$", "$2a$"):  # htpasswd -B writes $2y$; the same algorithm
@@ -469,7 +481,7 @@ def test_bcrypt_hashes() -> None:
     with pytest.raises(ValueError, match="at most 72 bytes"):
         bcrypt_hash(long + "y")
     check = web.BasicAuth({"u": hashed})
-    assert config.BCRYPT_HASH.match(check._dummy).group(1) == "04"  # type: ignore[union-attr]
+    assert web.BCRYPT_HASH.match(check._dummy).group(1) == "04"  # type: ignore[union-attr]
     assert check("Basic " + base64.b64encode(b"u:correct horse").decode())
     assert not check("Basic " + base64.b64encode(b"nobody:correct horse").decode())
 
