@@ -408,6 +408,14 @@ def load_reading(load: Mapping[str, Any]) -> list[str]:
             "Python's HTTP stack at both ends (the exporter's `http.server` writing it, the "
             f"client's `http.client` reading it): {plain_body / 1e6 / (p50 / 1000):.0f} MB/s "
             "at p50. Prometheus asks for gzip.")
+    main, scrape = _number(load, "peak_rss_mib_main"), _number(load, "peak_rss_mib_scrape")
+    if main is not None and scrape is not None:
+        lines.append(f"serve answered the scrapes from its scrape process: peak RSS {main:.0f} "
+                     f"MiB in the process that runs the cycles, {scrape:.0f} MiB in the scrape "
+                     f"process (the table's peak is the two summed).")
+    elif load.get("scrape_process") is False:
+        lines.append("serve ran in one process (`--single-process`, `web.scrape_process: "
+                     "false`): the cycles and the scrapes shared its interpreter lock.")
     p99_all = _number(load, "p99_ms")
     if p99_all is not None:
         lines.append(f"The {_na(load, 'scrapers')} scrapers of the first table fetch back to "

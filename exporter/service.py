@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
@@ -72,9 +73,10 @@ class Service:
         self.cfg = cfg
         self.publisher = Publisher(cfg.evaluation.staleness_bound)
         self.metrics = SelfMetrics(self.publisher)
-        # Decoding answers, deriving and rendering take turns on one lock: one thread of the
-        # cycle at a time competes for the interpreter with the threads serving scrapes.
-        cpu = threading.Lock()
+        # Scrapes served by this process: decoding answers, deriving and rendering take turns
+        # on one lock, so one thread of the cycle at a time competes for the interpreter with
+        # the threads serving scrapes. The scrape process competes with none of them.
+        cpu = contextlib.nullcontext() if cfg.web.scrape_process else threading.Lock()
         self.client = upstream.PrometheusClient(
             cfg.upstream, on_request=self.metrics.observe_request, cpu=cpu
         )
