@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import signal
@@ -73,10 +72,12 @@ class Service:
         self.cfg = cfg
         self.publisher = Publisher(cfg.evaluation.staleness_bound)
         self.metrics = SelfMetrics(self.publisher)
-        # Scrapes served by this process: decoding answers, deriving and rendering take turns
-        # on one lock, so one thread of the cycle at a time competes for the interpreter with
-        # the threads serving scrapes. The scrape process competes with none of them.
-        cpu = contextlib.nullcontext() if cfg.web.scrape_process else threading.Lock()
+        # Decoding answers, deriving and rendering take turns on one lock: one thread of the
+        # cycle at a time competes for the interpreter (with the threads serving scrapes, when
+        # this process serves them). Kept with the scrape process too: answers decoded at once
+        # only take turns on the interpreter lock anyway, and are held at once. At 104k series
+        # without it, cycles took 2.1 s instead of 1.4 to 1.5 and peak RSS was 360 MiB, not 300.
+        cpu = threading.Lock()
         self.client = upstream.PrometheusClient(
             cfg.upstream, on_request=self.metrics.observe_request, cpu=cpu
         )

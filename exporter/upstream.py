@@ -724,10 +724,11 @@ class PrometheusClient:
     answer held from its first byte until it is parsed): the worker runs one cycle at a time,
     so the calls in flight are the queries of one cycle.
 
-    Answers are decoded and parsed holding ``cpu`` (by default nothing). ``serve`` in one
-    process (``web.scrape_process: false``) gives it a lock the worker's derivation holds too:
-    that work runs under the interpreter lock, so answers decoded at once would only take turns
-    on it, and each thread doing so is one more that a thread serving a scrape waits behind.
+    Answers are decoded and parsed one at a time, holding ``cpu`` (by default a lock of this
+    client's): that work runs under the interpreter lock, so answers decoded at once would only
+    take turns on it, and each thread doing so is one more that every other thread (one serving
+    a scrape) waits behind for its turn. Given the lock that other CPU work holds (the worker's
+    derivation), the two take turns the same way.
     """
 
     def __init__(
@@ -738,7 +739,7 @@ class PrometheusClient:
         cpu: AbstractContextManager[Any] | None = None,
     ) -> None:
         self._cfg = cfg
-        self._cpu = cpu if cpu is not None else nullcontext()
+        self._cpu = cpu if cpu is not None else threading.Lock()
         self._budget = ResponseBudget(cfg.cycle_response_bytes)
         self._base = cfg.url.rstrip("/")
         self._on_request = on_request
