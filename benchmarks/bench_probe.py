@@ -10,7 +10,7 @@ stdin:
 * ``scrapes``: the server-side time of each ``metrics_parts`` call (the body's pieces: the
   self-metrics rendered, the families' bytes picked) since the last ``scrapes``;
 * ``rss``: peak and current resident set size, of this process and of the scrape process
-  (started as serve starts it, fed each cycle's snapshot);
+  when serve would run one (see ``Exporter.feed``);
 * ``quit`` (or end of stdin): stop.
 
 Timing hooks are wrappers installed at run time around ``exporter.worker.query_base``,
@@ -184,22 +184,28 @@ class Exporter:
         self.scrapes: Any = None
 
     def serve(self) -> int:
-        """Serve the timed /metrics here; start the scrape process serve would run (on a
-        port of its own, fed each cycle's snapshot: :meth:`feed`) for its memory."""
-        from exporter import catalog, web
-        from exporter.scrape_process import ScrapeProcess, Settings
+        """Serve the timed /metrics here (see :meth:`feed` for the scrape process)."""
+        from exporter import web
 
         self.server = web.serve(self.app, "127.0.0.1", 0)
-        with web.listen("127.0.0.1", 0) as sock:
-            self.scrapes = ScrapeProcess(sock, Settings(
-                self.cfg.evaluation.staleness_bound,
-                tuple(series.name for series in catalog.SERIES)))
         return int(self.server.server_address[1])
 
     def feed(self) -> None:
-        """Send the scrape process the latest snapshot, as serve's relay does after a cycle."""
+        """After a cycle, what serve's relay does with its default ``web.scrape_process:
+        auto``, for the scrape process's memory: start it (on a port of its own) once a cycle
+        published more than ``service.AUTO_SERIES`` series, and send it each snapshot."""
+        from exporter import catalog, web
+        from exporter.scrape_process import ScrapeProcess, Settings
+        from exporter.service import AUTO_SERIES
+
+        snapshot, counters = self.publisher.snapshot, self.metrics.counters_body()
         if self.scrapes is not None:
-            self.scrapes.send(self.publisher.snapshot, self.metrics.counters_body())
+            self.scrapes.send(snapshot, counters)
+        elif sum(f.series for f in snapshot.families.values()) > AUTO_SERIES:
+            with web.listen("127.0.0.1", 0) as sock:
+                self.scrapes = ScrapeProcess(sock, Settings(
+                    self.cfg.evaluation.staleness_bound,
+                    tuple(series.name for series in catalog.SERIES)), (snapshot, counters))
 
     def close(self) -> None:
         if self.server is not None:
@@ -262,7 +268,7 @@ def serve_probe(upstream: str, prom: str, at: float, window: str, interval: str,
         sys.stdout.write(json.dumps(payload) + "\n")
         sys.stdout.flush()
 
-    reply({"ready": True, "port": port, "pid": os.getpid(), **rss(exporter.scrapes.pid)})
+    reply({"ready": True, "port": port, "pid": os.getpid(), **rss()})
     try:
         for line in sys.stdin:
             command = line.strip()
@@ -272,7 +278,7 @@ def serve_probe(upstream: str, prom: str, at: float, window: str, interval: str,
                 reply({"seconds": body_times[:]})
                 body_times.clear()
             elif command == "rss":
-                reply(rss(exporter.scrapes.pid))
+                reply(rss(exporter.scrapes and exporter.scrapes.pid))
             elif command == "quit":
                 break
             else:

@@ -144,7 +144,7 @@ MODES = (("direct", "direct"), ("proxy", "+50 ms proxy"),
 MAIN_HEADER = (
     "size", "upstream", "queries/cycle (ours; Prom Δ)", "upstream s: waiting (Σ requests)",
     "cycle s", "overhead s (share)", "/metrics p50 / p99 ms", "body KiB plain / gzip",
-    "peak RSS MiB (cycling + scrape process)", "notebook queries", "notebook s",
+    "peak RSS MiB (+ scrape process)", "notebook queries", "notebook s",
     "notebook/ours queries", "notebook/ours time",
 )
 
@@ -183,8 +183,9 @@ def main_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 
 
 def peak_rss(rss: Mapping[str, Any]) -> str:
-    """Peak RSS: serve's two processes summed, then each (the cycling one and the scrape
-    process); the cycling one alone for results from before the scrape process."""
+    """Peak RSS: with a scrape process (serve starts one above ``service.AUTO_SERIES``
+    series), the two processes summed, then each (the cycling one and the scrape process);
+    else the one process's."""
     main, scrape = rss["vmhwm_mb"], rss.get("scrape_vmhwm_mb")
     if scrape is None:
         return f"{main:.0f}"

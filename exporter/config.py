@@ -488,8 +488,17 @@ class WebConfig(_Strict):
     config_file: Path | None = None
     #: Answer scrapes from a process of their own, which runs no cycles (see
     #: exporter/scrape_process.py): a scrape then never waits behind a cycle's CPU work for
-    #: the interpreter lock. false: one process, about 20 MiB less memory.
-    scrape_process: bool = True
+    #: the interpreter lock. auto: once a cycle publishes more than 10,000 series (below that
+    #: one process serves scrapes within a few milliseconds, and the second would cost about
+    #: 25 MiB); true: from the start; false: never.
+    scrape_process: Literal["auto"] | bool = "auto"
+
+    @field_validator("scrape_process", mode="before")
+    @classmethod
+    def _scrape_mode(cls, value: object) -> object:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"must be auto, true or false, got {value!r}")
 
     _password_hashes = field_validator("basic_auth_users")(_check_users)
 

@@ -6,13 +6,18 @@ every step it takes: at 100k series its 99th percentile was 19 ms. Served from a
 own, a scrape waits for nothing but the CPU.
 
 ``serve`` opens the listening socket itself (so a busy port fails before anything starts) and
-starts ``python -m exporter.scrape_process FD`` with it. It writes the child, on the child's
+starts ``python -m exporter.scrape_process FD`` on it. It writes the child, on the child's
 standard input:
 
-* once, the :class:`Settings` (one JSON message);
+* once, the :class:`Settings` (one JSON message), and a first update, which the child holds
+  before it answers a scrape;
 * after each cycle and every :data:`REFRESH` seconds, an update: the self-metrics the cycle
   updates, as exposition bytes, and, when there is a new one, the snapshot of rendered
   families (:func:`encode_update`).
+
+With ``web.scrape_process: auto`` (the default) ``serve`` answers scrapes itself until a cycle
+publishes more than :data:`exporter.service.AUTO_SERIES` series, then starts the child on the
+socket it listens on, its latest snapshot as the first update, and stops accepting.
 
 The child serves them with the same handlers as one process would (:mod:`exporter.web`) and
 renders the gauges that depend on the time of the scrape itself (upstream_up, series per
@@ -209,13 +214,15 @@ def child_main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     head = read_header(stdin)
-    if head is None:
+    first = None if head is None else read_update(stdin)
+    if head is None or first is None:
         return 1
     settings = Settings.decode(head)
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(fileno=int(argv[0]))
     mirror = Mirror(settings.staleness, settings.families)
+    mirror.receive(*first)  # before the first scrape: a hand-over serves no empty answer
     try:
         tls = None if settings.tls is None else settings.tls.files()
     except (OSError, ssl.SSLError) as error:
@@ -241,7 +248,10 @@ class ScrapeProcess:
     """The parent's handle on the child: start it on a listening socket, send it updates,
     stop it. Updates are sent from one thread at a time."""
 
-    def __init__(self, sock: socket.socket, settings: Settings) -> None:
+    def __init__(self, sock: socket.socket, settings: Settings,
+                 first: tuple[Snapshot | None, bytes] = (None, b"")) -> None:
+        """Start the child on ``sock`` and wait until it serves (ScrapeProcessError if it does
+        not); ``first``: the update it holds before it answers its first scrape."""
         self._lock = threading.Lock()
         fd = sock.fileno()
         self.proc = subprocess.Popen(
@@ -251,6 +261,8 @@ class ScrapeProcess:
         self._input: IO[bytes] = self.proc.stdin
         try:
             self._input.write(settings.encode())
+            for piece in encode_update(*first):
+                self._input.write(piece)
             self._input.flush()
             self._wait_ready(self.proc.stdout)
         except (OSError, ScrapeProcessError):

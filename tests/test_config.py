@@ -46,6 +46,8 @@ def test_defaults_match_the_notebook_label_set() -> None:
     ("evaluation: {interval: 30s, staleness: 10s}", "evaluation", "at least one interval"),
     ("web: {listen_address: 9410}", "web.listen_address", "string"),
     ("web: {listen_address: 'localhost'}", "web.listen_address", "HOST:PORT"),
+    ("web: {scrape_process: sometimes}", "web.scrape_process",
+     "must be auto, true or false, got 'sometimes'"),
     ("triton: {model_label: 'bad-label'}", "triton.model_label", "pattern"),
     ("dcgm: {slice_labels: []}", "dcgm.slice_labels", "at least one"),
     ("dcgm: {idle_threshold: 2}", "dcgm.idle_threshold", "less than or equal to 1"),
@@ -64,6 +66,18 @@ def test_bad_config_names_the_file_and_the_key(
     assert line.startswith(f"{path}: "), line
     assert key in line and message in line, line
     assert "\n" not in line
+
+
+@pytest.mark.parametrize("text, mode", [
+    ("web: {}", "auto"), ("web: {scrape_process: auto}", "auto"),
+    ("web: {scrape_process: true}", True), ("web: {scrape_process: false}", False),
+])
+def test_scrape_process_is_auto_true_or_false(tmp_path: Path, text: str, mode: object) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert config.load(path, environ={}).web.scrape_process == mode
+    env = {"TRITON_MIG_EXPORTER_WEB__SCRAPE_PROCESS": "false"}
+    assert config.load(path, environ=env).web.scrape_process is False
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

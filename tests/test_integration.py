@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ import requests
 from conftest import Stack
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import catalog
+from exporter import catalog, config
 from exporter.config import UpstreamConfig
 from exporter.promserver import wait_for
+from exporter.service import Service
 from exporter.upstream import PrometheusClient
 
 pytestmark = pytest.mark.integration
@@ -262,7 +264,7 @@ def test_scrapes_are_answered_while_the_cycling_process_is_stopped(
         stack: Stack, tmp_path: Path) -> None:
     """/metrics comes from the scrape process: it answers while serve's own process cannot
     run at all, and it goes when serve goes, freeing the port."""
-    serve = Serve(stack, tmp_path)
+    serve = Serve(stack, tmp_path, web={"scrape_process": True})
     try:
         [child] = children(serve.proc.pid)
         assert "exporter.scrape_process" in Path(f"/proc/{child}/cmdline").read_text()
@@ -288,7 +290,7 @@ def test_scrapes_are_answered_while_the_cycling_process_is_stopped(
 
 def test_serve_exits_with_an_error_when_its_scrape_process_dies(
         stack: Stack, tmp_path: Path) -> None:
-    serve = Serve(stack, tmp_path)
+    serve = Serve(stack, tmp_path, web={"scrape_process": True})
     try:
         [child] = children(serve.proc.pid)
         os.kill(child, signal.SIGKILL)
@@ -299,10 +301,12 @@ def test_serve_exits_with_an_error_when_its_scrape_process_dies(
         serve.stop()
 
 
-def test_one_process_serves_the_same_families(stack: Stack, tmp_path: Path) -> None:
-    serve = Serve(stack, tmp_path, web={"scrape_process": False})
+@pytest.mark.parametrize("mode", ["auto", False])
+def test_one_process_serves_a_small_fleet(stack: Stack, tmp_path: Path,
+                                          mode: str | bool) -> None:
+    """Never a second process with false; with auto (the default) not for a fleet this small."""
+    serve = Serve(stack, tmp_path, web={"scrape_process": mode})
     try:
-        assert children(serve.proc.pid) == []
         wait_for(lambda: serve.get("/readyz").status_code == 200, 20, what="ready")
         figures = wait_for(
             lambda: (f := serve.figures()).get(":triton_model_concurrency:ratio") and f,
@@ -311,8 +315,49 @@ def test_one_process_serves_the_same_families(stack: Stack, tmp_path: Path) -> N
         published = {name for name in figures if not name.startswith("triton_mig_exporter_")}
         assert published <= {series.name for series in catalog.SERIES}
         assert len(published) >= len(catalog.SERIES) - 1  # the cache family may be absent
+        assert children(serve.proc.pid) == []
     finally:
         serve.stop()
+
+
+def test_auto_hands_the_scrapes_over_without_losing_one(stack: Stack, tmp_path: Path) -> None:
+    """web.scrape_process auto, its threshold at 0 series: the first cycle that publishes
+    anything starts the scrape process on the same socket, and a scraper fetching all the
+    while sees only complete answers."""
+    cfg = config.load(stack.config_file(tmp_path), environ={})
+    assert cfg.web.scrape_process == "auto"
+    service = Service(cfg, scrape_process_above=0)
+    answers: list[tuple[int, bool, bool]] = []  # status, self-metrics, derived figures
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            response = requests.get(service.metrics_url, timeout=5)
+            figures = parse(response.text)
+            answers.append((response.status_code, "triton_mig_exporter_upstream_up" in figures,
+                            any(not name.startswith("triton_mig_exporter_") for name in figures)))
+
+    scraper = threading.Thread(target=scrape)
+    service.start()
+    try:
+        assert service.scrapes is None  # before the first cycle: this process answers
+        scraper.start()
+        scrapes = wait_for(lambda: service.scrapes, 20, what="the hand-over")
+        child = scrapes.pid
+        wait_for(lambda: service._server is None, 10, what="this process to stop accepting")
+        handed = len(answers)
+        wait_for(lambda: len(answers) >= handed + 20, 10, what="scrapes after the hand-over")
+        done.set()
+        scraper.join(10)
+        assert answers and all(answer[:2] == (200, True) for answer in answers), answers
+        # Figures, once published, are in every later answer: the scrape process starts with
+        # the snapshot, never serves an empty one.
+        first = [answer[2] for answer in answers].index(True)
+        assert all(answer[2] for answer in answers[first:]), answers
+    finally:
+        done.set()
+        service.stop()
+    assert gone(child)
 
 
 def test_once_fails_clearly_when_the_upstream_is_unreachable(tmp_path: Path) -> None:
@@ -355,7 +400,6 @@ def test_discover_names_what_is_missing(stack: Stack, tmp_path: Path) -> None:
 def test_sigterm_during_a_slow_cycle_exits_0_within_5_seconds(tmp_path: Path) -> None:
     """The upstream takes 30 s to answer: serve must not wait for it to leave."""
     import http.server
-    import threading
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:

@@ -364,8 +364,10 @@ def test_ca_bundle_and_metrics_over_tls_behind_basic_auth(
 ) -> None:
     fake = start_fake(cleanup, tls=pki.server_context())
     cfg = https_config(fake, ca_file=str(pki.ca))
+    # Served by the scrape process (the file-configured test below: by serve's own process).
     cfg["web"] |= {"tls_cert_file": str(pki.cert), "tls_key_file": str(pki.key),
-                   "basic_auth_users": {"prometheus": hash_password(SCRAPE_PASSWORD, 10_000)}}
+                   "basic_auth_users": {"prometheus": hash_password(SCRAPE_PASSWORD, 10_000)},
+                   "scrape_process": True}
     serve = start_serve(cleanup, cfg, tmp_path, verify=str(pki.ca),
                         auth=("prometheus", SCRAPE_PASSWORD))
     assert serve.url.startswith("https://127.0.0.1:")
