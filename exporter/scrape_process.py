@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 #: Seconds between updates when no cycle ends: the self-metrics a scheduler event changes
 #: (cycles_missed) or a long cycle's requests reach scrapes within this.
 REFRESH = 1.0
+#: Seconds without an update after which the child's /healthz answers 503: the parent sends one
+#: every :data:`REFRESH` seconds even while a cycle runs, so silence this long means it is stuck
+#: (stopped, or its relay thread gone), and liveness probes should restart the exporter.
+SILENCE_LIMIT = 30.0
 #: Seconds the child gets to start serving, and to exit once its input is closed.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -182,12 +186,16 @@ class Mirror:
     """The child's copy of the parent's snapshot and self-metrics: a :class:`web.Source`."""
 
     def __init__(self, staleness: float, families: Sequence[str],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.holder = SnapshotHolder(staleness, clock)
         self.counters = b""
         self.state = state_registry(self.holder, families)
+        self.monotonic = monotonic
+        self.received_at = monotonic()
 
     def receive(self, snapshot: Snapshot | None, counters: bytes) -> None:
+        self.received_at = self.monotonic()
         self.counters = counters
         if snapshot is not None:
             self.holder.snapshot = snapshot
@@ -202,6 +210,9 @@ class Mirror:
     def ready(self) -> bool:
         holder = self.holder
         return holder.ready(holder.snapshot, holder.clock())
+
+    def alive(self) -> bool:
+        return self.monotonic() - self.received_at <= SILENCE_LIMIT
 
 
 def child_main(argv: Sequence[str]) -> int:

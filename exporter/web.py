@@ -245,6 +245,10 @@ class Source(Protocol):
 
     def ready(self) -> bool: ...
 
+    def alive(self) -> bool:
+        """Whether the process behind the figures still runs them (for /healthz)."""
+        ...
+
 
 class App:
     """The endpoints over a :class:`Source`.
@@ -287,7 +291,11 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 body = parts if app.write_parts else [b"".join(parts)]
                 self._send(200, body, CONTENT_TYPE, "gzip" if gzipped else None)
             elif path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
+                if app.source.alive():
+                    self._send(200, b"ok\n", "text/plain")
+                else:
+                    self._send(503, b"unhealthy: the cycling process has gone silent\n",
+                               "text/plain")
             elif path == "/readyz":
                 if app.ready():
                     self._send(200, b"ready\n", "text/plain")

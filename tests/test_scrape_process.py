@@ -113,3 +113,16 @@ def test_the_scrape_process_imports_neither_pandas_nor_the_configuration() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert json.loads(out.stdout) == []
+
+
+def test_healthz_fails_once_the_parent_goes_silent() -> None:
+    """The parent sends an update every second; silence past the limit is a stuck parent."""
+    now = [100.0]
+    mirror = Mirror(90.0, FAMILIES, monotonic=lambda: now[0])
+    assert mirror.alive()
+    now[0] += scrape_process.SILENCE_LIMIT
+    assert mirror.alive()
+    now[0] += 1
+    assert not mirror.alive()
+    mirror.receive(None, b"")
+    assert mirror.alive()
