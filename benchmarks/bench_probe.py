@@ -201,7 +201,7 @@ class Exporter:
         snapshot, counters = self.publisher.snapshot, self.metrics.counters_body()
         if self.scrapes is not None:
             self.scrapes.send(snapshot, counters)
-        elif sum(f.series for f in snapshot.families.values()) > AUTO_SERIES:
+        elif snapshot.series > AUTO_SERIES:
             with web.listen("127.0.0.1", 0) as sock:
                 self.scrapes = ScrapeProcess(sock, Settings(
                     self.cfg.evaluation.staleness_bound,
@@ -259,7 +259,7 @@ def serve_probe(upstream: str, prom: str, at: float, window: str, interval: str,
             "outcome": report.outcome,
             "evaluated_at": report.evaluated_at,
             "families": len(snapshot.families),
-            "series": sum(f.series for f in snapshot.families.values()),
+            "series": snapshot.series,
             "family_errors": sorted(
                 n for n, r in report.derived.items() if isinstance(r, exporter.derive_error)),
         }

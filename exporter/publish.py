@@ -46,6 +46,7 @@ from exporter.snapshot import (
     RenderedFamily,
     Snapshot,
     SnapshotHolder,
+    exposition_parts,
     state_registry,
 )
 from exporter.upstream import OUTCOMES, SLICE
@@ -249,9 +250,6 @@ class SelfMetrics:
         """The instrumentation the cycle updates (all but the snapshot's gauges)."""
         return generate_latest(self.registry)
 
-    def body(self, gzipped: bool = False) -> bytes:
-        body = self.counters_body() + generate_latest(self.state)
-        return gzip.compress(body, 6, mtime=0) if gzipped else body
 
 
 class InProcess:
@@ -263,11 +261,11 @@ class InProcess:
         self.metrics = metrics
 
     def metrics_parts(self, gzipped: bool) -> list[bytes]:
-        return [self.metrics.body(gzipped), *self.publisher.derived_parts(gzipped)]
+        metrics = self.metrics
+        return exposition_parts(self.publisher, metrics.counters_body(), metrics.state, gzipped)
 
     def ready(self) -> bool:
-        publisher = self.publisher
-        return publisher.ready(publisher.snapshot, publisher.clock())
+        return self.publisher.ready_now()
 
     def alive(self) -> bool:
         return True  # this process answers: it runs

@@ -30,7 +30,6 @@ parent) plus the figures.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import select
@@ -48,10 +47,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any
 
-from prometheus_client.exposition import generate_latest
-
 from exporter import web
-from exporter.snapshot import RenderedFamily, Snapshot, SnapshotHolder, state_registry
+from exporter.snapshot import (
+    RenderedFamily,
+    Snapshot,
+    SnapshotHolder,
+    exposition_parts,
+    state_registry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +205,10 @@ class Mirror:
             self.holder.snapshot = snapshot
 
     def metrics_parts(self, gzipped: bool) -> list[bytes]:
-        # The same bytes as one process serves: self-metrics (the state gauges last), then
-        # the fresh families.
-        own = self.counters + generate_latest(self.state)
-        return [gzip.compress(own, 6, mtime=0) if gzipped else own,
-                *self.holder.derived_parts(gzipped)]
+        return exposition_parts(self.holder, self.counters, self.state, gzipped)
 
     def ready(self) -> bool:
-        holder = self.holder
-        return holder.ready(holder.snapshot, holder.clock())
+        return self.holder.ready_now()
 
     def alive(self) -> bool:
         return self.monotonic() - self.received_at <= SILENCE_LIMIT

@@ -116,7 +116,6 @@ class Service:
                 raise ConfigError(
                     f"{tls.cert_file}: cannot load the TLS certificate: {error}") from None
         self._users = dict(served.basic_auth_users)
-        self.auth = web.BasicAuth(self._users) if self._users else None
         self._server: ThreadingHTTPServer | None = None
         self.scrapes: ScrapeProcess | None = None
         self._relay: threading.Thread | None = None
@@ -137,14 +136,16 @@ class Service:
             with sock:  # the child has its own copy
                 self.scrapes = ScrapeProcess(sock, self._settings())
         else:
-            app = web.App(InProcess(self.publisher, self.metrics), self.auth)
+            # Built only where it checks passwords: it hashes a dummy one (a bcrypt round).
+            auth = web.BasicAuth(self._users) if self._users else None
+            app = web.App(InProcess(self.publisher, self.metrics), auth)
             self._server = web.serve_socket(app, sock, tls=self.tls)
         if mode is not False:
             self._relay = threading.Thread(target=self._relay_updates, name="relay",
                                            daemon=True)
             self._relay.start()
         self.worker.start()
-        if self.auth is not None and self.tls is None:
+        if self._users and self.tls is None:
             log.warning("basic auth without TLS: passwords are sent in clear text")
         log.info(
             "serving %s; upstream %s every %gs, window %gs",
@@ -192,7 +193,7 @@ class Service:
         accepting here (connections accepted meanwhile are still answered). The snapshot it
         was given, or None while this process keeps the scrapes."""
         snapshot = self.publisher.snapshot
-        series = sum(family.series for family in snapshot.families.values())
+        series = snapshot.series
         server = self._server
         if series <= self.scrape_process_above or server is None:
             return None

@@ -7,6 +7,7 @@ snapshot is built in :mod:`exporter.publish`; here it is only held and judged.
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from types import MappingProxyType
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 PREFIX = "triton_mig_exporter_"
@@ -46,6 +48,11 @@ class Snapshot:
     good_at: float | None = None
     evaluated_at: float | None = None
 
+    @property
+    def series(self) -> int:
+        """Series in all its families."""
+        return sum(family.series for family in self.families.values())
+
 
 class SnapshotHolder:
     """Holds the current snapshot (swapped whole, with one assignment readers observe) and
@@ -72,6 +79,10 @@ class SnapshotHolder:
 
     def ready(self, snapshot: Snapshot, now: float) -> bool:
         return snapshot.good_at is not None and now - snapshot.good_at <= self.staleness
+
+    def ready_now(self) -> bool:
+        """:meth:`ready` for the current snapshot at the current time (/readyz)."""
+        return self.ready(self.snapshot, self.clock())
 
     def derived_parts(self, gzipped: bool = False) -> list[bytes]:
         """The fresh families' bytes, in order; a response writes them one after another."""
@@ -129,3 +140,12 @@ def state_registry(holder: SnapshotHolder, families: Sequence[str]) -> Collector
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StateCollector(holder, families))
     return registry
+
+
+def exposition_parts(holder: SnapshotHolder, counters: bytes, state: CollectorRegistry,
+                     gzipped: bool) -> list[bytes]:
+    """/metrics in pieces, as either process serves it: the self-metrics (``counters``, the
+    instrumentation the cycle updates, then ``state`` rendered now) and the fresh families.
+    Gzip: each piece a complete member; members concatenate into one valid stream."""
+    own = counters + generate_latest(state)
+    return [gzip.compress(own, 6, mtime=0) if gzipped else own, *holder.derived_parts(gzipped)]
