@@ -46,8 +46,8 @@ from exporter.snapshot import (
     RenderedFamily,
     Snapshot,
     SnapshotHolder,
+    StateCollector,
     exposition_parts,
-    state_registry,
 )
 from exporter.upstream import OUTCOMES, SLICE
 
@@ -240,7 +240,7 @@ class SelfMetrics:
         for series in catalog.SERIES:
             self.family_errors.labels(series.name)
         #: The gauges read off the snapshot, rendered per scrape by whoever serves it.
-        self.state = state_registry(publisher, [series.name for series in catalog.SERIES])
+        self.state = StateCollector(publisher, [series.name for series in catalog.SERIES])
 
     def observe_request(self, outcome: str, seconds: float) -> None:
         self.upstream_requests.labels(outcome).inc()

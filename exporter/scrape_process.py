@@ -52,8 +52,8 @@ from exporter.snapshot import (
     RenderedFamily,
     Snapshot,
     SnapshotHolder,
+    StateCollector,
     exposition_parts,
-    state_registry,
 )
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class Mirror:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.holder = SnapshotHolder(staleness, clock)
         self.counters = b""
-        self.state = state_registry(self.holder, families)
+        self.state = StateCollector(self.holder, families)
         self.monotonic = monotonic
         self.received_at = monotonic()
 

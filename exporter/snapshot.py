@@ -106,8 +106,11 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         holder = self._holder
-        snapshot = holder.snapshot
-        now = holder.clock()
+        yield from self.families_at(holder.snapshot, holder.clock())
+
+    def families_at(self, snapshot: Snapshot, now: float) -> Iterator[Metric]:
+        """The gauges of ``snapshot`` judged at ``now``."""
+        holder = self._holder
         yield GaugeMetricFamily(
             PREFIX + "upstream_up",
             "1 when the latest cycle got an answer to every upstream query and is not stale.",
@@ -134,18 +137,26 @@ class StateCollector(Collector):
         yield published
 
 
-def state_registry(holder: SnapshotHolder, families: Sequence[str]) -> CollectorRegistry:
-    """A registry of the :class:`StateCollector` over ``holder`` (``families``: every derived
-    family's name, in the catalog's order)."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(StateCollector(holder, families))
-    return registry
+class _Fixed(Collector):
+    """Metrics already collected, for one rendering."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self._metrics = list(metrics)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
 
 
-def exposition_parts(holder: SnapshotHolder, counters: bytes, state: CollectorRegistry,
+def exposition_parts(holder: SnapshotHolder, counters: bytes, state: StateCollector,
                      gzipped: bool) -> list[bytes]:
     """/metrics in pieces, as either process serves it: the self-metrics (``counters``, the
-    instrumentation the cycle updates, then ``state`` rendered now) and the fresh families.
-    Gzip: each piece a complete member; members concatenate into one valid stream."""
-    own = counters + generate_latest(state)
-    return [gzip.compress(own, 6, mtime=0) if gzipped else own, *holder.derived_parts(gzipped)]
+    instrumentation the cycle updates, then the ``state`` gauges) and the fresh families, all
+    of one snapshot at one instant, so an answer never mixes two cycles. Gzip: each piece a
+    complete member; members concatenate into one valid stream."""
+    snapshot, now = holder.snapshot, holder.clock()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(state.families_at(snapshot, now)))
+    own = counters + generate_latest(registry)
+    families = holder.fresh(snapshot, now)
+    return [gzip.compress(own, 6, mtime=0) if gzipped else own,
+            *(f.body_gzip if gzipped else f.body for f in families)]
