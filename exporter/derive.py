@@ -672,7 +672,7 @@ def derive_all(
         try:
             table = DERIVATIONS[series.name](inputs)
             out[series.name] = table.frame([*keys, *series.labels(sel)])
-        except MissingInput as error:
+        except (MissingInput, Unidentified) as error:  # said as it is: no internal failure
             out[series.name] = DeriveError(series.name, str(error))
         except Exception as error:  # one broken family must not take down the others
             out[series.name] = DeriveError(series.name, f"{type(error).__name__}: {error}")
