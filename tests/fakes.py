@@ -46,7 +46,8 @@ Samples = dict[str, dict[Labels, float]]
 # --- what the fake upstream answers ----------------------------------------------------------
 
 
-TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05}
+TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05,
+                 "pending": 0.1}
 TRITON_FACTOR |= {f"{p}_us": 1000.0 * (i + 1) for i, p in enumerate(catalog.PHASES)}
 DCGM_FACTOR = {"tensor": 1.0, "dram": 0.5, "gr_engine": 0.8, "tensor_max": 1.0}
 

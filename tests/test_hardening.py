@@ -65,6 +65,7 @@ STALENESS = 3 * INTERVAL  # the default bound: three intervals
 #: What a bound on time allows besides the cycles it counts: the cycle's own work, the test's
 #: polling, a busy machine.
 SLACK = 0.5
+QUERIES = len(catalog.BASE_QUERIES)
 
 
 @pytest.fixture
@@ -286,7 +287,8 @@ def test_http_errors_are_retried_boundedly_and_bad_queries_not_at_all(
     # Every failed base query with its reason, in catalog order; then, once per reason, what
     # the first query failing with it was told.
     assert message(line) == (
-        "cycle partial: 6 of 14 upstream queries failed: failure (http_5xx), exec (http_5xx), "
+        f"cycle partial: 6 of {QUERIES} upstream queries failed: failure (http_5xx), "
+        "exec (http_5xx), "
         "cache_hits (http_5xx), queue_us (http_4xx), compute_input_us (http_4xx), "
         "compute_output_us (http_4xx); failure: HTTP 500: internal error; "
         "queue_us: HTTP 429: too_many_requests: slow down"), line
@@ -313,7 +315,7 @@ def test_http_errors_are_retried_boundedly_and_bad_queries_not_at_all(
     # One more line, and a "partial" one for each switch that fell inside a cycle.
     warnings = serve.warnings()
     assert len(warnings) in (2, 3, 4), warnings
-    every_503 = ("cycle failure: 14 of 14 upstream queries failed: "
+    every_503 = (f"cycle failure: {QUERIES} of {QUERIES} upstream queries failed: "
                  + ", ".join(f"{q.name} (http_5xx)" for q in catalog.BASE_QUERIES)
                  + "; count: HTTP 503: maintenance")
     assert every_503 in map(message, warnings[1:]), warnings
@@ -338,7 +340,7 @@ def test_the_failure_line_names_every_failed_query_and_each_reason_once() -> Non
     names = [q.name for q in catalog.BASE_QUERIES]
     down = UpstreamError("connection", "cannot connect to http://127.0.0.1:1: refused")
     line = failure_line(errors_report({name: down for name in names}))
-    assert line == ("cycle failure: 14 of 14 upstream queries failed: "
+    assert line == (f"cycle failure: {QUERIES} of {QUERIES} upstream queries failed: "
                     + ", ".join(f"{name} (connection)" for name in names)
                     + "; count: cannot connect to http://127.0.0.1:1: refused")
     mixed = {
@@ -347,7 +349,7 @@ def test_the_failure_line_names_every_failed_query_and_each_reason_once() -> Non
         "dram": UpstreamError("bad_response", "'data' has no 'result'", query="q3"),
     }
     line = failure_line(errors_report(mixed))
-    assert line == ("cycle partial: 3 of 14 upstream queries failed: exec (bad_response), "
+    assert line == (f"cycle partial: 3 of {QUERIES} upstream queries failed: exec (bad_response), "
                     "tensor (timeout), dram (bad_response); exec: answer has no 'data'; "
                     "tensor: no answer within 1s")
 
@@ -527,13 +529,16 @@ def test_a_200_mib_answer_is_refused_without_being_read(
     # refused over_budget differs from the cycle before.
     lines = [message(line) for line in serve.warnings()]
     assert all("(too_large)" in line or "(over_budget)" in line for line in lines), lines
-    assert lines[0] == ("cycle partial: 1 of 14 upstream queries failed: count (too_large); "
+    assert lines[0] == (f"cycle partial: 1 of {QUERIES} upstream queries failed: "
+                        "count (too_large); "
                         "count: answer exceeds max_response_bytes=67108864"), lines
-    assert ("cycle partial: 1 of 14 upstream queries failed: count (too_large); count: answer "
+    assert (f"cycle partial: 1 of {QUERIES} upstream queries failed: count (too_large); "
+            "count: answer "
             "of 209715200 bytes exceeds max_response_bytes=67108864") in lines, lines
-    # Not necessarily "14 of 14": the refusals counted above may come from a cycle that
+    # Not necessarily all of them: the refusals counted above may come from a cycle that
     # straddled the switch, before a whole cycle of refusals is logged.
-    assert any(re.match(r"cycle (partial|failure): \d+ of 14 ", line) and "(over_budget)" in line
+    assert any(re.match(rf"cycle (partial|failure): \d+ of {QUERIES} ", line)
+               and "(over_budget)" in line
                and "max_cycle_response_bytes=134217728" in line for line in lines[2:]), lines
     finish(serve)
 
@@ -595,7 +600,8 @@ def test_huge_answers_together_fail_over_the_cycle_budget_and_the_rest_is_served
         # Two of the four fit in the budget; the others were refused, and nothing else.
         assert set(failed.values()) == {"over_budget"} and set(failed) <= set(BIG), line
         assert 1 <= len(failed) <= 2, line
-        assert line.startswith(f"cycle partial: {len(failed)} of 14 upstream queries failed: ")
+        assert line.startswith(
+            f"cycle partial: {len(failed)} of {QUERIES} upstream queries failed: ")
         assert "max_cycle_response_bytes=8388608" in line, line
 
     fake.answer = fake.valid
