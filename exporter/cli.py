@@ -34,7 +34,7 @@ from exporter.config import Config, ConfigError
 from exporter.scrape_process import ScrapeProcessError
 from exporter.service import Service, tune_interpreter, wait_for_signal
 from exporter.web import bcrypt_hash, hash_password
-from exporter.worker import compute, evaluation_time, exposition, series_labels
+from exporter.worker import compute, evaluation_time, exposition, not_computed, series_labels
 
 log = logging.getLogger("exporter")
 
@@ -212,6 +212,9 @@ def cmd_once(args: argparse.Namespace) -> int:
     if report.query_errors and not report.frames:
         print(f"error: upstream {cfg.upstream.url} could not be queried", file=sys.stderr)
         return 1
+    if not report.query_errors:
+        for line in not_computed(report):
+            print(f"warning: {line}", file=sys.stderr)
     sys.stdout.buffer.write(exposition(report, series_labels(sel)))
     sys.stdout.flush()
     return 1 if report.query_errors else 0

@@ -543,7 +543,33 @@ class TritonConfig(_Strict):
     selector: Selector = ""
     model_label: LabelName = "model"
     version_label: LabelName = "version"
-    pod_label: LabelName = "pod"
+    #: The labels that name a Triton server, in order: the first a series carries (non-empty) is
+    #: published as ``pod``. Triton itself sets none: Kubernetes discovery adds ``pod``, every
+    #: scrape adds ``instance``.
+    server_labels: list[LabelName] = Field(default_factory=lambda: ["pod", "instance"])
+    #: Older spelling of a one-label server identity: ``pod_label: x`` is
+    #: ``server_labels: [x, instance]``.
+    pod_label: LabelName | None = None
+
+    @field_validator("server_labels")
+    @classmethod
+    def _servers_named(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one label")
+        if len(set(value)) != len(value):
+            raise ValueError("labels must be unique")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_server_identity(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("pod_label") is None:
+            return data
+        if "server_labels" in data:
+            raise ValueError("set server_labels or pod_label, not both")
+        pod = data["pod_label"]
+        labels = [pod, *(["instance"] if pod != "instance" else [])]
+        return {**data, "server_labels": labels, "pod_label": None}
 
 
 class DCGMConfig(_Strict):
@@ -626,9 +652,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _labels_distinct(self) -> Config:
-        triton = {self.triton.model_label, self.triton.version_label, self.triton.pod_label}
-        if len(triton) != 3:
-            raise ValueError("triton: model_label, version_label and pod_label must differ")
+        t = self.triton
+        triton = {t.model_label, t.version_label, *t.server_labels}
+        if len(triton) != 2 + len(t.server_labels):
+            raise ValueError("triton: model_label, version_label and server_labels must differ")
+        published = sorted({"model", "version"} & set(t.server_labels))
+        if published:
+            raise ValueError(f"triton: server_labels: {published} are published label names")
         clash = set(self.replica_labels) & (triton | set(self.dcgm.slice_labels))
         if clash:
             raise ValueError(f"replica_labels: {sorted(clash)} also name a source identity label")

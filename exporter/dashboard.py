@@ -65,6 +65,7 @@ HOST_DESCRIPTION = (
 UNITS: dict[str, str] = {
     "inferences/s": "suffix: inf/s",
     "requests/s": "reqps",
+    "requests": "none",
     "inferences/execution": "none",
     "ratio": "percentunit",
     "seconds": "s",
@@ -359,10 +360,14 @@ def _fleet(b: _Builder) -> None:
         overrides=[_override_right_axis("C", _unit(concurrency))],
     ), 8, 8)
 
+    executed = b.use(":triton_requests_executed:rate")
+    reasons = b.use("reason:nv_inference_request_failure:rate")
     b.add(_timeseries(
         "Requests",
-        f"Successful: {success.help} Failed: {failure.help}",
-        [Query(success.name, "successful"), Query(failure.name, "failed")],
+        f"Successful: {success.help} Ran the model: {executed.help} Failed: {failure.help} "
+        f"By reason: {reasons.help}",
+        [Query(success.name, "successful"), Query(executed.name, "ran the model"),
+         Query(failure.name, "failed"), Query(reasons.name, "failed: {{reason}}")],
         _unit(success),
     ), 12, 8)
     phases = [b.use(f":nv_inference_{phase}_duration:mean_seconds")
@@ -370,8 +375,9 @@ def _fleet(b: _Builder) -> None:
     total = b.use(":nv_inference_request_duration:mean_seconds")
     b.add(_timeseries(
         "Latency phases (fleet)",
-        "Mean time per successful request in each phase, stacked, against the whole request "
-        f"(dashed). {_phase_helps(phases, total)}",
+        "Mean time per request in each phase, stacked, against the whole request (dashed). "
+        "Compute phases are per request that ran the model: with the response cache on, the "
+        f"stack can exceed the request mean. {_phase_helps(phases, total)}",
         [*(Query(s.name, _phase_legend(s.name)) for s in phases), Query(total.name, "request")],
         _unit(total), stack=True,
         overrides=[_override_total(_REF_IDS[len(phases)])],
@@ -411,18 +417,28 @@ def _per_model(b: _Builder) -> None:
         ("Batch size by model", "model_version:nv_inference_batch_size:mean"),
         ("Response-cache hit ratio by model", "model_version:nv_cache_hit:ratio"),
         ("Failed requests by model", "model_version:nv_inference_request_failure:rate"),
+        ("Queue depth by model", "model_version:nv_inference_pending_request_count:avg"),
+        ("Requests that ran the model", "model_version:triton_requests_executed:rate"),
     ):
         series = b.use(name)
         b.add(_timeseries(title, series.help, [Query(_selector(name, MODEL_FILTER), legend)],
                           _unit(series)), 8, 8)
+    reasons = b.use("model_version_reason:nv_inference_request_failure:rate")
+    b.add(_timeseries(
+        "Failed requests by model and reason", reasons.help,
+        [Query(_selector(reasons.name, MODEL_FILTER),
+               _legend(catalog.LEVEL_LABELS[Level.MODEL_VERSION_REASON]))],
+        _unit(reasons)), 8, 8)
     phases = [b.use(f"model_version:nv_inference_{phase}_duration:mean_seconds")
               for phase in catalog.PHASES if phase != "request"]
     total = b.use("model_version:nv_inference_request_duration:mean_seconds")
     single = 'model="$model"'
     panel = _timeseries(
         "Latency phases: $model",
-        "Mean time per successful request of the model in each phase, stacked, against the "
-        "whole request (dashed); one panel per selected model. With several versions of a "
+        "Mean time per request of the model in each phase, stacked, against the whole request "
+        "(dashed); one panel per selected model. Compute phases are per request that ran the "
+        "model: with the response cache on, the stack can exceed the request mean. With "
+        "several versions of a "
         f"model live, the stack adds their figures: read it per version. "
         f"{_phase_helps(phases, total)}",
         [*(Query(_selector(s.name, single), f"{_phase_legend(s.name)} v{{{{version}}}}")
@@ -442,6 +458,12 @@ def _per_server(b: _Builder) -> None:
     count = b.use("pod:nv_inference_count:rate")
     success = b.use("pod:nv_inference_request_success:rate")
     failure = b.use("pod:nv_inference_request_failure:rate")
+    pending = b.use("pod:nv_inference_pending_request_count:avg")
+    fleet_pending = b.use(":nv_inference_pending_request_count:avg")
+    b.add(_timeseries("Queue depth per server", f"{pending.help} Fleet: {fleet_pending.help}",
+                      [Query(_selector(pending.name, POD_FILTER), pod_legend),
+                       Query(fleet_pending.name, "fleet")],
+                      _unit(pending)), 8, 8)
     b.add(_timeseries("Models active per server", models.help,
                       [Query(_selector(models.name, POD_FILTER), pod_legend)],
                       _unit(models)), 8, 8)
@@ -459,8 +481,11 @@ def _per_server(b: _Builder) -> None:
     count = b.use("model_version_pod:nv_inference_count:rate")
     success = b.use("model_version_pod:nv_inference_request_success:rate")
     failure = b.use("model_version_pod:nv_inference_request_failure:rate")
+    pending = b.use("model_version_pod:nv_inference_pending_request_count:avg")
     b.add(_timeseries("Inference rate by server and model", count.help,
                       [Query(_selector(count.name, *both), full)], _unit(count)), 12, 8)
+    b.add(_timeseries("Queue depth by server and model", pending.help,
+                      [Query(_selector(pending.name, *both), full)], _unit(pending)), 12, 8)
     b.add(_timeseries(
         "Requests by server and model", f"Successful: {success.help} Failed: {failure.help}",
         [Query(_selector(success.name, *both), full + " ok"),

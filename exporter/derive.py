@@ -42,6 +42,7 @@ VALUE = "value"
 MV = [MODEL, VERSION]
 MVP = [MODEL, VERSION, POD]
 _PROFILE_SLICES = re.compile(r"^([1-7])g\.")
+_SERVER = re.compile(catalog.SERVER_PATTERN)
 #: The dtype pandas gives a column of strings (``str`` in pandas 3): a label the source lacks.
 _STR = pd.Series([""]).dtype
 #: Combined group keys stay below this; beyond it they are renumbered first (no int64 overflow).
@@ -192,15 +193,59 @@ def _group(table: Table, by: list[str], how: str) -> Table:
                  {k: table.dtypes[k] for k in by}, value)
 
 
-def triton_series(frame: pd.DataFrame, sel: Selectors, keys: list[str]) -> Table:
-    """Per (model, version, pod): model-labelled series only, deduplicated across replicas."""
-    source = dict(zip(MVP, [sel.model, sel.version, sel.pod], strict=True))
+def triton_series(
+    frame: pd.DataFrame, sel: Selectors, keys: list[str], extra: tuple[str, ...] = ()
+) -> Table:
+    """Per (model, version, server as pod, *extra): model-labelled series only, summed within
+    each series group of the base query, deduplicated across replicas (the highest kept).
+
+    The base query groups by the server labels and replicas (and a failure's reason): source
+    labels ``extra`` does not keep are summed away first, as the rule's ``sum by`` does.
+    """
+    labels = [*sel.servers, *sel.replicas]
+    source = {MODEL: sel.model, VERSION: sel.version, **{k: k for k in (*labels, *extra)}}
     table, usable = _source(frame, {**{k: k for k in keys}, **source}, fill=source.values())
     # One extra False at the end, for code -1 (no model at all: dropped anyway).
     has_model = np.append(table.levels[MODEL].astype(str) != "", False)
     usable &= has_model[table.codes[MODEL]]
+    grouped = _group(table.take(usable), [*keys, MODEL, VERSION, *labels, *extra], "sum")
+    with_server = _with_server(grouped, sel.servers)
     # Replica labels are not grouping keys: max over them is the deduplication.
-    return _group(table.take(usable), [*keys, *MVP], "max")
+    return _group(with_server, [*keys, *MVP, *extra], "max")
+
+
+def server_identity(values: tuple[str, ...]) -> str:
+    """The first non-empty of a series' server label values, as the rules read them: one label
+    is taken as it is; several are joined with ";" and read with catalog.SERVER_PATTERN (left
+    as joined where it does not match, as label_replace leaves them)."""
+    if len(values) == 1:
+        return values[0]
+    joined = ";".join(values)
+    match = _SERVER.fullmatch(joined)
+    return match.group(1) if match else joined
+
+
+def _with_server(table: Table, servers: list[str]) -> Table:
+    """``table`` with a ``pod`` column: the server each row's server labels name."""
+    if servers == [POD]:
+        return table
+    if not len(table):
+        return Table({**table.codes, POD: np.empty(0, dtype=np.int64)},
+                     {**table.levels, POD: np.empty(0, dtype=object)},
+                     {**table.dtypes, POD: _STR}, table.value)
+    # The few distinct label combinations, each named once.
+    key = _combine([table.codes[k] for k in servers], [len(table.levels[k]) for k in servers])
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    names = [
+        server_identity(tuple(str(table.levels[k][table.codes[k][row]]) for k in servers))
+        for row in first
+    ]
+    uniques = sorted(set(names))
+    position = {name: i for i, name in enumerate(uniques)}
+    codes = np.array([position[name] for name in names], dtype=np.int64)[inverse]
+    return Table({**table.codes, POD: codes},
+                 {**table.levels, POD: np.array(uniques, dtype=object)},
+                 {**table.dtypes, POD: _STR}, table.value)
 
 
 def raw_total(frame: pd.DataFrame, keys: list[str]) -> Table:
@@ -240,25 +285,12 @@ def ratio(num: Table, den: Table, by: list[str], scale: float = 1.0) -> Table:
     den = den.take(den.value > 0)
     if not len(den):
         return _empty_table(by)
-    if by:
-        # den's codes renumbered into num's levels (-1: a value num lacks, never joined).
-        mapped = {k: _recode(den.levels[k], num.levels[k])[den.codes[k]] for k in by}
-        joinable = np.logical_and.reduce([c >= 0 for c in mapped.values()])
-        rows = len(num)
-        # One key space for both sides, so equal label tuples get equal keys.
-        keys = _combine([np.concatenate([num.codes[k], mapped[k][joinable]]) for k in by],
-                        [len(num.levels[k]) for k in by])
-        left, right = keys[:rows], keys[rows:]
-        if not len(right):
-            return _empty_table(by)
-        order = np.argsort(right)
-        matched = order[np.searchsorted(right, left, sorter=order).clip(max=len(right) - 1)]
-        found = right[matched] == left
-        num = num.take(found)
-        den_value = den.value[joinable][matched[found]]
-    else:
-        num = num.take(np.arange(1))
-        den_value = den.value[:1]
+    if not by:
+        num, den = num.take(np.arange(1)), den.take(np.arange(1))
+    matched = _rows_of(num, den, by)
+    found = matched >= 0
+    num = num.take(found)
+    den_value = den.value[matched[found]]
     with np.errstate(over="ignore", under="ignore"):  # overflow is +Inf, dropped below
         out = num.with_value(num.value / den_value / scale)
     # A tiny denominator can still overflow to +Inf: never published.
@@ -271,6 +303,40 @@ def _recode(levels: np.ndarray, into: np.ndarray) -> np.ndarray:
         return np.arange(len(levels))  # the usual case: both from the same fleet
     positions: np.ndarray = pd.Index(into).get_indexer(levels)
     return positions
+
+
+def minus(left: Table, right: Table, by: list[str]) -> Table:
+    """left - (right or left * 0): right subtracted where it has the row, else nothing."""
+    if not len(right) or not len(left):
+        return left
+    matched = _rows_of(left, right, by)
+    found = matched >= 0
+    value = left.value.copy()
+    value[found] -= right.value[matched[found]]
+    return left.with_value(value)
+
+
+def _rows_of(table: Table, other: Table, by: list[str]) -> np.ndarray:
+    """For each row of ``table``, the row of ``other`` with the same ``by`` labels (-1: none).
+    ``other``'s label tuples are unique."""
+    if not by:
+        return np.zeros(len(table), dtype=np.int64) if len(other) else np.full(len(table), -1)
+    # other's codes renumbered into table's levels (-1: a value table lacks, never joined).
+    mapped = {k: _recode(other.levels[k], table.levels[k])[other.codes[k]] for k in by}
+    joinable = np.logical_and.reduce([c >= 0 for c in mapped.values()])
+    rows = len(table)
+    keys = _combine([np.concatenate([table.codes[k], mapped[k][joinable]]) for k in by],
+                    [len(table.levels[k]) for k in by])
+    # One key space for both sides, so equal label tuples get equal keys.
+    left, right = keys[:rows], keys[rows:]
+    out = np.full(rows, -1, dtype=np.int64)
+    if not len(right):
+        return out
+    order = np.argsort(right)
+    at = order[np.searchsorted(right, left, sorter=order).clip(max=len(right) - 1)]
+    found = right[at] == left
+    out[found] = np.flatnonzero(joinable)[at[found]]
+    return out
 
 
 def count_positive(table: Table, by: list[str]) -> Table:
@@ -292,7 +358,15 @@ def gpu_equivalents(slices: Table, sel: Selectors, keys: list[str]) -> Table:
         weights = np.ones(len(slices))
     known = ~np.isnan(weights)
     weighted = slices.take(known)
-    return aggregate(weighted.with_value(weighted.value * weights[known]), keys)
+    return aggregate(once_per_slice(weighted.with_value(weighted.value * weights[known]), sel,
+                                    keys), keys)
+
+
+def once_per_slice(slices: Table, sel: Selectors, keys: list[str]) -> Table:
+    """One row per MIG slice: a slice shared by several pods has a row per pod, all equal."""
+    if not len(slices):
+        return _empty_table([*keys, *sel.slice_labels])
+    return _group(slices, [*keys, *sel.slice_labels], "max")
 
 
 def _profile_weight(profile: str) -> float:
@@ -349,9 +423,10 @@ class Inputs:
             self._cache[key] = make()
         return self._cache[key]
 
-    def triton(self, name: str) -> Table:
+    def triton(self, name: str, extra: tuple[str, ...] = ()) -> Table:
+        kind = "+".join(("triton", *extra))
         return self._cached(
-            "triton", name, lambda: triton_series(self.raw(name), self.sel, self.keys)
+            kind, name, lambda: triton_series(self.raw(name), self.sel, self.keys, extra)
         )
 
     def slices(self, name: str) -> Table:
@@ -363,17 +438,20 @@ class Inputs:
         return self._cached("raw", name, lambda: raw_total(self.raw(name), self.keys))
 
     def level(self, name: str, level: Level) -> Table:
-        by = self.by(catalog.LEVEL_LABELS[level])
+        labels = catalog.LEVEL_LABELS[level]
+        extra = tuple(label for label in labels if label not in MVP)
         return self._cached(f"level:{level.value}", name,
-                            lambda: aggregate(self.triton(name), by))
+                            lambda: aggregate(self.triton(name, extra), self.by(labels)))
 
     def need(self, need: Need) -> Table:
         """The table a :data:`Need` names (``("level:pod", "success")``...)."""
         kind, name = need
         if kind.startswith("level:"):
             return self.level(name, Level(kind.removeprefix("level:")))
+        if kind.startswith("triton"):
+            return self.triton(name, tuple(kind.split("+")[1:]))
         readers: dict[str, Callable[[str], Table]] = {
-            "triton": self.triton, "slices": self.slices, "raw": self.raw_total,
+            "slices": self.slices, "raw": self.raw_total,
         }
         return readers[kind](name)
 
@@ -405,12 +483,42 @@ def _per_request(short: str, level: Level, scale: float = 1.0) -> Derivation:
     return lambda i: ratio(i.level(short, level), i.level("success", level), i.by(labels), scale)
 
 
+class Unidentified(Exception):
+    """Model-labelled series carry none of the server labels: servers cannot be counted."""
+
+
+def _identified(i: Inputs) -> Table:
+    """The per-server successes, when every one names its server."""
+    table = i.triton("success")
+    if len(table):
+        unnamed = int(np.count_nonzero(table.levels[POD][table.codes[POD]] == ""))
+        if unnamed:
+            raise Unidentified(
+                f"servers cannot be told apart: {unnamed} model series carry none of the "
+                f"server labels {', '.join(i.sel.servers)} (set triton.server_labels)"
+            )
+    return table
+
+
 def _servers_active(i: Inputs) -> Table:
-    return count_positive(i.triton("success"), i.by(MV))
+    return count_positive(_identified(i), i.by(MV))
 
 
 def _fleet_servers_active(i: Inputs) -> Table:
+    _identified(i)
     return count_positive(i.level("success", Level.POD), i.by())
+
+
+def _executed(level: Level) -> Derivation:
+    labels = catalog.LEVEL_LABELS[level]
+    return lambda i: minus(i.level("success", level), i.level("cache_hits", level),
+                           i.by(labels))
+
+
+def _per_executed(short: str, level: Level, scale: float) -> Derivation:
+    labels = catalog.LEVEL_LABELS[level]
+    executed = _executed(level)
+    return lambda i: ratio(i.level(short, level), executed(i), i.by(labels), scale)
 
 
 def _model_servers_sum(i: Inputs) -> Table:
@@ -424,9 +532,14 @@ def _derivations() -> dict[str, Derivation]:
         "success": "nv_inference_request_success",
         "failure": "nv_inference_request_failure",
     }
+    per_server = (Level.MODEL_VERSION_POD, Level.MODEL_VERSION, Level.POD, Level.FLEET)
     for short, metric in rate_metrics.items():
-        for level in (Level.MODEL_VERSION_POD, Level.MODEL_VERSION, Level.POD, Level.FLEET):
+        for level in per_server:
             table[f"{level.value}:{metric}:rate"] = _rate(short, level)
+    for level in (Level.MODEL_VERSION_REASON, Level.REASON):
+        table[f"{level.value}:nv_inference_request_failure:rate"] = _rate("failure", level)
+    for level in per_server:
+        table[f"{level.value}:nv_inference_pending_request_count:avg"] = _rate("pending", level)
     table[":nv_inference_count:rate_raw"] = lambda i: i.raw_total("count")
     table[":triton_inference_rate_drift:ratio"] = lambda i: ratio(
         i.level("count", Level.FLEET), i.raw_total("count"), i.by()
@@ -435,13 +548,16 @@ def _derivations() -> dict[str, Derivation]:
         i.level("count", Level.MODEL_VERSION), i.level("exec", Level.MODEL_VERSION), i.by(MV)
     )
     table["model_version:nv_cache_hit:ratio"] = _per_request("cache_hits", Level.MODEL_VERSION)
+    for level in (Level.MODEL_VERSION, Level.FLEET):
+        table[f"{level.value}:triton_requests_executed:rate"] = _executed(level)
     for phase in catalog.PHASES:
         for level in (Level.MODEL_VERSION, Level.FLEET):
             name = f"{level.value}:nv_inference_{phase}_duration:mean_seconds"
-            table[name] = _per_request(f"{phase}_us", level, 1e6)
+            per = _per_executed if phase.startswith("compute") else _per_request
+            table[name] = per(f"{phase}_us", level, 1e6)
     table["model_version:triton_servers_active:count"] = _servers_active
     table["pod:triton_models_active:count"] = lambda i: count_positive(
-        i.triton("success"), i.by([POD])
+        _identified(i), i.by([POD])
     )
     table[":triton_servers_active:count"] = _fleet_servers_active
     table[":triton_model_servers_active:sum"] = _model_servers_sum
@@ -452,13 +568,13 @@ def _derivations() -> dict[str, Derivation]:
         table[f"gpu_instance:dcgm_{short}_active:avg"] = (lambda s: lambda i: i.slices(s))(short)
     for short in ("tensor", "dram"):
         table[f":dcgm_{short}_active:sum"] = (
-            lambda s: lambda i: aggregate(i.slices(s), i.by())
+            lambda s: lambda i: aggregate(once_per_slice(i.slices(s), i.sel, i.keys), i.by())
         )(short)
     table[":dcgm_tensor_active:gpu_equivalents"] = lambda i: gpu_equivalents(
         i.slices("tensor"), i.sel, i.keys
     )
     table[":dcgm_mig_slices_idle:count"] = lambda i: idle_count(
-        i.slices("tensor_max"), i.sel.idle_threshold, i.keys
+        once_per_slice(i.slices("tensor_max"), i.sel, i.keys), i.sel.idle_threshold, i.keys
     )
     return table
 
@@ -556,7 +672,7 @@ def derive_all(
         try:
             table = DERIVATIONS[series.name](inputs)
             out[series.name] = table.frame([*keys, *series.labels(sel)])
-        except MissingInput as error:
+        except (MissingInput, Unidentified) as error:  # said as it is: no internal failure
             out[series.name] = DeriveError(series.name, str(error))
         except Exception as error:  # one broken family must not take down the others
             out[series.name] = DeriveError(series.name, f"{type(error).__name__}: {error}")

@@ -24,6 +24,8 @@ class SourceStatus:
     series: int
     usable: int
     missing_labels: tuple[str, ...]
+    #: Model series that carry none of the server labels (Triton only).
+    unidentified: int = 0
 
     @property
     def ok(self) -> bool:
@@ -48,7 +50,7 @@ def inspect(querier: Querier, sel: Selectors, at: float) -> list[SourceStatus]:
             continue
         seen.add(query.metric)
         if query.source is Source.TRITON:
-            base, required = sel.triton, [sel.model, sel.version, sel.pod]
+            base, required = sel.triton, [sel.model, sel.version, *sel.servers]
         else:
             base, required = sel.dcgm, list(sel.slice_labels)
         total = _count(querier, _selector(query.metric, base), at)
@@ -57,10 +59,13 @@ def inspect(querier: Querier, sel: Selectors, at: float) -> list[SourceStatus]:
             for label in required
             if total and not _count(querier, _selector(query.metric, base, f'{label}!=""'), at)
         )
-        usable = total
+        usable, unidentified = total, 0
         if query.source is Source.TRITON and total:
             usable = _count(querier, _selector(query.metric, sel.triton_model_filter), at)
-        statuses.append(SourceStatus(query, total, usable, missing))
+            nameless = [f'{label}=""' for label in sel.servers]
+            unidentified = _count(
+                querier, _selector(query.metric, sel.triton_model_filter, *nameless), at)
+        statuses.append(SourceStatus(query, total, usable, missing, unidentified))
     return statuses
 
 
@@ -76,6 +81,8 @@ def report(
             note = f", {status.usable} with a model label"
         if status.missing_labels:
             note += f", label(s) never set: {', '.join(status.missing_labels)}"
+        if status.unidentified:
+            note += f", {status.unidentified} with none of the server labels"
         out.write(f"  {status.query.metric:<44} {status.series:>7} series{note}\n")
     related = [n for n in names if n.startswith(("nv_", "DCGM_"))]
     out.write(f"\nall Triton and DCGM metric names on the upstream ({len(related)}):\n")
@@ -84,12 +91,18 @@ def report(
     ok: list[str] = []
     missing: list[str] = []
     out.write("\nderived families:\n")
+    nameless = by_metric["nv_inference_request_success"].unidentified
     for series in catalog.SERIES:
         needed = [catalog.BASE_BY_NAME[n].metric for n in series.inputs]
         absent = [m for m in needed if not by_metric[m].ok]
         if absent:
             missing.append(series.name)
             out.write(f"  no  {series.name}  (needs {', '.join(sorted(set(absent)))})\n")
+        elif nameless and series.name in catalog.COUNTS_SERVERS:
+            missing.append(series.name)
+            out.write(f"  no  {series.name}  (servers cannot be told apart: {nameless} "
+                      "nv_inference_request_success series carry none of the server labels; "
+                      "set triton.server_labels)\n")
         else:
             ok.append(series.name)
             out.write(f"  yes {series.name}\n")

@@ -295,7 +295,6 @@ def check_renames(sel: Selectors) -> None:
         for source, public, key in (
             (sel.model, MODEL, "model_label"),
             (sel.version, VERSION, "version_label"),
-            (sel.pod, POD, "pod_label"),
         )
         if source != public
     ]

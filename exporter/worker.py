@@ -154,6 +154,16 @@ def failure_line(report: CycleReport) -> str:
     return line if len(line) <= LINE_LIMIT else line[: LINE_LIMIT - 3] + "..."
 
 
+def not_computed(report: CycleReport) -> list[str]:
+    """One line per reason some families were not computed, naming them."""
+    by_reason: dict[str, list[str]] = {}
+    for name, result in report.derived.items():
+        if isinstance(result, derive.DeriveError):
+            by_reason.setdefault(result.message, []).append(name)
+    return [f"families not computed: {_printable(reason)}: {', '.join(names)}"
+            for reason, names in by_reason.items()]
+
+
 def series_labels(sel: Selectors) -> dict[str, tuple[str, ...]]:
     return {s.name: s.labels(sel) for s in catalog.SERIES}
 
@@ -314,9 +324,8 @@ class Worker:
             if self._last_failure is not None:
                 log.info("cycle success: upstream answered every query again")
             self._last_failure = None
-            broken = [n for n, r in report.derived.items() if isinstance(r, derive.DeriveError)]
-            if broken:
-                log.warning("families not computed: %s", ", ".join(broken))
+            for line in not_computed(report):
+                log.warning("%s", line)
 
     def _safe_cycle(self) -> None:
         self._idle.clear()

@@ -21,8 +21,8 @@ def test_defaults_match_the_notebook_label_set() -> None:
     assert cfg.evaluation.interval == 30 and cfg.evaluation.window == 120
     assert cfg.evaluation.staleness_bound == 90
     assert cfg.replica_labels == ["prometheus_replica"]
-    assert (cfg.triton.model_label, cfg.triton.version_label, cfg.triton.pod_label) == (
-        "model", "version", "pod")
+    assert (cfg.triton.model_label, cfg.triton.version_label, cfg.triton.server_labels) == (
+        "model", "version", ["pod", "instance"])
     assert cfg.dcgm.selector == 'exported_container="triton", exported_namespace="triton"'
     assert cfg.dcgm.slice_labels == ["instance", "device", "GPU_I_ID", "GPU_I_PROFILE"]
     assert cfg.web.host_port == ("0.0.0.0", 9410)

@@ -411,9 +411,10 @@ def test_a_panel_without_its_unit_or_help_would_be_caught() -> None:
     requests_["description"] = requests_["description"].split(" Failed:")[0]
     del requests_["fieldConfig"]["defaults"]["unit"]
     assert panel_problems(requests_) == [
-        "Requests: no unit for target A",
-        "Requests: no unit for target B",
+        *(f"Requests: no unit for target {ref}" for ref in "ABC"),
         "Requests: the description lacks the help of :nv_inference_request_failure:rate",
+        "Requests: no unit for target D",
+        "Requests: the description lacks the help of reason:nv_inference_request_failure:rate",
     ]
     table = panels["Slice activity now"]
     table["fieldConfig"]["overrides"][1]["properties"] = [

@@ -456,7 +456,10 @@ def test_notebook_delta_on_counters_is_gone_and_latency_is_exact() -> None:
     of +1 request, no reset handling, and 0.81x the true request time on a real Prometheus.
     Ours: rate() of the counters, and seconds per request = us / requests / 1e6 exactly."""
     sel = Selectors.from_config(make_config())
-    triton = [q.promql(sel) for q in BASE_QUERIES if q.source is catalog.Source.TRITON]
+    # Every Triton counter; the one Triton gauge (queue depth) is averaged over the window.
+    triton = [q.promql(sel) for q in BASE_QUERIES if q.source is catalog.Source.TRITON
+              and q.metric != "nv_inference_pending_request_count"]
+    assert len(triton) == 10
     assert all("rate(" in q and "delta(" not in q for q in triton)
     # A quiet model: 1 request of 0.5 s in the window (rate 1/60 per s over W = 60 s).
     cfg = make_config()
@@ -690,8 +693,10 @@ def test_narrowed_queries_deduplicate_per_pod_then_sum_per_model_version() -> No
     for query in BASE_QUERIES:
         assert full[query.name] == query.promql(sel)
         if query.name in report.NARROW:
+            kept = "".join(f", {label}" for label in query.extra)  # a failure's reason
             assert queries[query.name] == (
-                f"sum by (model, version) (max by (model, version, pod) ({query.promql(sel)}))")
+                f"sum by (model, version{kept}) (max by (model, version, pod, instance{kept}) "
+                f"({query.promql(sel)}))")
         else:
             assert queries[query.name] == query.promql(sel)
     assert {"count", "success"}.isdisjoint(report.NARROW)
@@ -710,11 +715,11 @@ def test_narrowed_queries_deduplicate_per_pod_then_sum_per_model_version() -> No
     pd.testing.assert_frame_equal(narrowed.table, whole.table)
     assert narrowed.table["failures_a/1"].iloc[-1] == 0.0
     assert narrowed.table["batch_size_a/1"].iloc[-1] == pytest.approx(4.0)
-    # Two replica label sets in every fast answer: each was asked again (not cache_hits: no
-    # series, and an empty answer is exact).
+    # Two replica label sets in every fast answer: each was asked again (not cache_hits nor
+    # pending: no series, and an empty answer is exact).
     asked = [name for name, *_ in fake.calls]
     again = {name for name in report.FAST if asked.count(name) == 2}
-    assert again == report.FAST - {"cache_hits"}
+    assert again == report.FAST - {"cache_hits", "pending"}
     assert narrowed.summary["report"]["queries"] == len(BASE_QUERIES) + len(again)
 
 
@@ -727,8 +732,9 @@ def test_fast_queries_sum_per_model_version_and_replica_and_are_exact_with_one_r
     assert set(fast) == report.FAST == report.NARROW | {"count"}
     for query in BASE_QUERIES:
         if query.name in fast:
+            kept = "".join(f", {label}" for label in query.extra)
             assert fast[query.name] == (
-                f"sum by (model, version, prometheus_replica) ({query.function}("
+                f"sum by (model, version, prometheus_replica{kept}) ({query.function}("
                 f"{query.metric}{{{sel.triton}}}[{sel.window}]))")
     # A series without a model label counts in the raw rate only, as in the catalog.
     unlabelled = ({"pod": "p9", "prometheus_replica": "prometheus-k8s-0"}, 7.0)

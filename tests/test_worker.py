@@ -196,3 +196,29 @@ def test_each_scheduled_cycle_ends_with_a_garbage_collection(
     cycle._safe_cycle()  # a crashed cycle's garbage too
     assert collected == [False, False]
     cycle.stop()
+
+
+def test_servers_that_cannot_be_told_apart_withhold_the_server_counts_and_say_so(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Real Triton sets no pod label: model series with neither pod nor instance (a federation
+    that dropped them) would count every server as one. The server counts are withheld, each
+    cycle says why in one line, and the family errors count it; the rates stay."""
+    nameless = {name: frame.drop(columns="pod") if "pod" in frame.columns else frame
+                for name, frame in FRAMES.items()}
+    monkeypatch.setattr(__import__(__name__), "FRAMES", nameless)
+    publisher = Publisher(CFG.evaluation.staleness_bound, lambda: 1000.0)
+    metrics = SelfMetrics(publisher)
+    cycle = worker.Worker(CFG, Upstream(), publisher, metrics, lambda: 2000.0)
+    with caplog.at_level("WARNING", logger="exporter.worker"):
+        report = cycle.run_cycle()
+    for name in catalog.COUNTS_SERVERS:
+        error = report.derived[name]
+        assert isinstance(error, derive.DeriveError), name
+        assert metrics.family_errors.labels(name)._value.get() == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert lines[0].startswith("families not computed: servers cannot be told apart: ")
+    assert "none of the server labels pod, instance" in lines[0]
+    assert all(name in lines[0] for name in catalog.COUNTS_SERVERS)
+    rates = report.derived["model_version:nv_inference_request_success:rate"]
+    assert isinstance(rates, pd.DataFrame) and len(rates) == 3

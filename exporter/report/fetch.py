@@ -62,7 +62,7 @@ KEYS = (TIMESTAMP,)
 #: stays per pod (the raw rate sums every series, before deduplication) and so does
 #: ``success`` (servers active count pods).
 NARROW: frozenset[str] = frozenset(
-    {"failure", "exec", "cache_hits", *(f"{phase}_us" for phase in PHASES)}
+    {"failure", "exec", "cache_hits", "pending", *(f"{phase}_us" for phase in PHASES)}
 )
 #: Base queries first asked summed per (model, version) and replica label set
 #: (:func:`fast_queries`); the per-pod series of ``count`` are then not derivable either.
@@ -113,13 +113,13 @@ def report_queries(sel: Selectors, narrow: bool = True) -> dict[str, str]:
     ``derive.triton_series`` -- and ``sum by (model, version)``: per model version and over the
     fleet every figure is the same; per pod those series are then absent (not derivable).
     """
-    mv = sel.join([sel.model, sel.version])
-    mvp = sel.join([sel.model, sel.version, sel.pod])
     out: dict[str, str] = {}
     for query in catalog.BASE_QUERIES:
         promql = query.promql(sel)
         if narrow and query.name in NARROW:
-            promql = f"sum by ({mv}) (max by ({mvp}) ({promql}))"
+            mv = sel.join([sel.model, sel.version, *query.extra])
+            servers = sel.join([sel.model, sel.version, *sel.servers, *query.extra])
+            promql = f"sum by ({mv}) (max by ({servers}) ({promql}))"
         out[query.name] = promql
     return out
 
@@ -132,10 +132,9 @@ def fast_queries(sel: Selectors) -> dict[str, str]:
     version, pod) then has one replica, whose figure the deduplication keeps, and the sum of the
     answer's rows (series without a model label included) is ``count``'s raw rate.
     """
-    by = sel.join([sel.model, sel.version, *sel.replicas])
     return {
-        query.name: f"sum by ({by}) ({query.function}({query.metric}{{{sel.triton}}}"
-                    f"[{sel.window}]))"
+        query.name: f"sum by ({sel.join([sel.model, sel.version, *sel.replicas, *query.extra])})"
+                    f" ({query.function}({query.metric}{{{sel.triton}}}[{sel.window}]))"
         for query in catalog.BASE_QUERIES if query.name in FAST
     }
 
