@@ -500,6 +500,44 @@ def test_success_and_failure_rates_within_rate_error(fleet: Fleet, family: str,
                 assert f[name][labels] == 0.0, (name, labels)
 
 
+def test_failures_per_reason_executed_requests_and_queue_depth(fleet: Fleet) -> None:
+    f = fleet.once
+    reasons = ("BACKEND", "CANCELED", "OTHER", "REJECTED")
+    failing: dict[tuple[str, str], int] = {}
+    executed: dict[tuple[str, str], int] = {}
+    for (_, model, version), plan in PLAN.items():
+        failing[(model, version)] = failing.get((model, version), 0) + plan.failing
+        executed[(model, version)] = executed.get((model, version), 0) + plan.ok - plan.hits
+    # A Python model that raises fails with reason BACKEND; the other reasons stay at 0.
+    per_reason = f["model_version_reason:nv_inference_request_failure:rate"]
+    assert set(per_reason) == {(("model", m), ("reason", r), ("version", v))
+                               for m, v in failing for r in reasons}
+    for (model, version), count in failing.items():
+        for reason in reasons:
+            value = per_reason[(("model", model), ("reason", reason), ("version", version))]
+            if reason == "BACKEND" and count:
+                assert_rate(value, count, (model, version))
+            else:
+                assert value == 0.0, (model, version, reason)
+    fleet_reasons = f["reason:nv_inference_request_failure:rate"]
+    assert set(fleet_reasons) == {(("reason", r),) for r in reasons}
+    assert_rate(fleet_reasons[(("reason", "BACKEND"),)], sum(failing.values()), "BACKEND")
+    assert all(fleet_reasons[(("reason", r),)] == 0.0 for r in reasons if r != "BACKEND")
+    # Requests that ran the model: successes less cache hits.
+    ran = f["model_version:triton_requests_executed:rate"]
+    assert set(ran) == {(("model", m), ("version", v)) for m, v in executed}
+    for (model, version), count in executed.items():
+        assert_rate(ran[(("model", model), ("version", version))], count, (model, version))
+    assert_rate(f[":triton_requests_executed:rate"][()], sum(executed.values()), "fleet")
+    # Queue depth: a gauge averaged over W; nothing waits for a model that got no request.
+    pending = f["model_version_pod:nv_inference_pending_request_count:avg"]
+    assert set(pending) == {(("model", m), ("pod", fleet.pod(s)), ("version", v))
+                            for s, m, v in PLAN}
+    for (server, model, version), plan in PLAN.items():
+        value = pending[(("model", model), ("pod", fleet.pod(server)), ("version", version))]
+        assert value == 0.0 if plan.ok + plan.failing == 0 else value >= 0.0, (server, model)
+
+
 def test_batch_size_and_cache_hit_ratio(fleet: Fleet) -> None:
     f = fleet.once
     batch = f["model_version:nv_inference_batch_size:mean"]
@@ -515,6 +553,8 @@ def test_batch_size_and_cache_hit_ratio(fleet: Fleet) -> None:
     assert batch[(("model", "versioned"), ("version", "1"))] == 1.0
     # Hits are neither inferences nor executions.
     assert batch[(("model", "cached"), ("version", "1"))] == 1.0
+    # A failed execution is an execution without inferences.
+    assert batch[(("model", "flaky"), ("version", "1"))] < 1.0
     # Each server answered 3 of every 4 cached requests from the cache.
     assert f["model_version:nv_cache_hit:ratio"] == {
         (("model", "cached"), ("version", "1")): pytest.approx(0.75, rel=REL)}
