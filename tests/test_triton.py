@@ -23,8 +23,11 @@ What is checked, and against what:
   mean is per executed request (cache hits excluded): at least the model's known execution time.
 - ``once`` and ``serve`` equal the recording rules rendered for this configuration, each rule
   evaluated by this Prometheus at the same instant (inlined into one expression over raw
-  series, as tests/test_rules_history.py does): same samples, same functions, so equal to
-  a relative 1e-9.
+  series, as tests/test_rules_history.py does); and ``once`` equals what the rule files, loaded
+  into this Prometheus, recorded at one of their instants: same samples, same functions, so
+  equal to a relative 1e-9.
+
+docs/real-sources.md says how it runs and what it proves.
 """
 
 from __future__ import annotations
