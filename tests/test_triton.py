@@ -53,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_rules import _choose_rule_phase, in_flight, recorded_figures
 
 from exporter import catalog, config, promserver, rules
-from exporter.process import ManagedProcess, ProcessStartError, free_port
+from exporter.process import ManagedProcess, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.triton]
 
@@ -189,15 +189,18 @@ class TritonServer(ManagedProcess):
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the server script alone (it stops its tritonserver and the model stubs), wait
-        for its whole group and ports to go, SIGKILL the group when it does not."""
+        for its whole group and ports to go, SIGKILL the group when it does not. The group id
+        is safe to signal after the leader is reaped: the kernel reuses no PID that still names
+        a group with members."""
         proc = self._proc
         if proc is None:
             return
         try:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+                if proc.poll() is None:
                     os.kill(proc.pid, signal.SIGTERM)
-            # The leader stays unreaped until its group is gone, so the group id is not reused.
+                elif group_members(proc.pid):  # the script died and left its tritonserver
+                    os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while group_members(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -663,22 +666,32 @@ def test_serve_equals_the_rules_evaluated_by_prometheus(fleet: Fleet) -> None:
 
 
 def test_stopped_servers_leave_no_process_and_no_port(tmp_path: Path) -> None:
-    """One server started and stopped by PID: its tritonserver and stubs go, and its ports."""
-    server = TritonServer(triton_python(), tmp_path, [("versioned", "3")])
+    """Two servers stopped by PID: one as it runs, one whose script was killed outright and left
+    its tritonserver behind. Every process of both groups goes, and every port."""
+    servers = {name: TritonServer(triton_python(), tmp_path / name, [("versioned", "3")])
+               for name in ("running", "orphaned")}
     try:
-        server.start(120.0)
-        pid = server.pid
-        assert pid is not None
-        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in group_members(pid)}
-        assert "tritonserver" in names
-        assert requests.post(
-            f"{server.url}/v2/models/versioned/versions/3/infer", timeout=10,
-            json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]},
-        ).json()["outputs"][0]["data"] == [6.0]
-    except ProcessStartError:
-        server.stop()
-        raise
-    server.stop()
-    assert group_members(pid) == []
-    assert all(port_closed(p) for p in (server.port, server.grpc_port, server.metrics_port))
-    assert not (tmp_path / "workspace").exists(), "PyTriton removed its workspace"
+        start_all(servers)
+        # A response object still alive keeps its connection open, and tritonserver waits its
+        # exit timeout (30 s) for open connections: this one closes at once.
+        answer = requests.post(
+            f"{servers['running'].url}/v2/models/versioned/versions/3/infer", timeout=10,
+            headers={"Connection": "close"},
+            json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]})
+        assert answer.json()["outputs"][0]["data"] == [6.0]
+        orphaned = servers["orphaned"].pid
+        assert orphaned is not None
+        os.kill(orphaned, signal.SIGKILL)
+        promserver.wait_for(lambda: servers["orphaned"]._proc is not None
+                            and servers["orphaned"]._proc.poll() is not None, 5,
+                            what="the script to die")
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in group_members(orphaned)}
+        assert "tritonserver" in names, "killing the script alone leaves tritonserver running"
+    finally:
+        groups = [s.pid for s in servers.values()]
+        with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(TritonServer.stop, servers.values()))
+    assert all(pid is not None and group_members(pid) == [] for pid in groups)
+    for server in servers.values():
+        assert all(port_closed(p) for p in (server.port, server.grpc_port, server.metrics_port))
+    assert not (tmp_path / "running" / "workspace").exists(), "PyTriton removed its workspace"
