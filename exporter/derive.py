@@ -653,6 +653,7 @@ def derive_all(
     *,
     prepared: Mapping[Need, Table] | None = None,
     only: Collection[str] | None = None,
+    nonfinite: dict[str, int] | None = None,
 ) -> dict[str, pd.DataFrame | DeriveError]:
     """Every catalog series from this cycle's frames; a failing series does not stop the others.
 
@@ -663,6 +664,9 @@ def derive_all(
     ``prepared``: input tables already computed from these frames (:func:`prepare`, same
     ``keys``), used instead of computing them again. ``only``: derive just these series
     (catalog order kept), e.g. those whose base queries have all answered.
+
+    A figure that is not finite (a sum past the float range, Inf - Inf) is dropped, never
+    published; ``nonfinite`` gets the number dropped per series.
     """
     inputs = Inputs(frames, sel, keys, prepared)
     out: dict[str, pd.DataFrame | DeriveError] = {}
@@ -670,7 +674,13 @@ def derive_all(
         if only is not None and series.name not in only:
             continue
         try:
-            table = DERIVATIONS[series.name](inputs)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow: dropped below
+                table = DERIVATIONS[series.name](inputs)
+            finite = np.isfinite(table.value)
+            if not finite.all():
+                if nonfinite is not None:
+                    nonfinite[series.name] = int(np.count_nonzero(~finite))
+                table = table.take(finite)
             out[series.name] = table.frame([*keys, *series.labels(sel)])
         except (MissingInput, Unidentified) as error:  # said as it is: no internal failure
             out[series.name] = DeriveError(series.name, str(error))

@@ -233,12 +233,20 @@ class SelfMetrics:
             ["family"],
             registry=r,
         )
+        self.nonfinite = Counter(
+            PREFIX + "nonfinite_dropped",
+            "Derived figures dropped because they were not finite (a sum past the float range "
+            "from upstream values near it), by family.",
+            ["family"],
+            registry=r,
+        )
         for outcome in ("success", "partial", "failure"):
             self.cycles.labels(outcome)
         for outcome in OUTCOMES:
             self.upstream_requests.labels(outcome)
         for series in catalog.SERIES:
             self.family_errors.labels(series.name)
+            self.nonfinite.labels(series.name)
         #: The gauges read off the snapshot, rendered per scrape by whoever serves it.
         self.state = StateCollector(publisher, [series.name for series in catalog.SERIES])
 

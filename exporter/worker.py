@@ -48,6 +48,8 @@ class CycleReport:
     warnings: list[str] = field(default_factory=list)
     #: Families rendered from ``derived`` during the cycle (see :func:`compute`).
     rendered: dict[str, RenderedFamily] = field(default_factory=dict)
+    #: Figures dropped as not finite, per series.
+    nonfinite: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -194,6 +196,7 @@ class Assembly:
         self.derived: dict[str, pd.DataFrame | derive.DeriveError] = {}
         #: Families rendered from ``derived``'s tables (``computed_at`` set at publishing).
         self.rendered: dict[str, RenderedFamily] = {}
+        self.nonfinite: dict[str, int] = {}
         self._pending = [series.name for series in catalog.SERIES]
 
     def answer(self, name: str, frame: pd.DataFrame) -> None:
@@ -215,7 +218,8 @@ class Assembly:
             return {series.name: self.derived[series.name] for series in catalog.SERIES}
 
     def _derive(self, names: list[str]) -> None:
-        out = derive.derive_all(self.frames, self.sel, prepared=self.prepared, only=names)
+        out = derive.derive_all(self.frames, self.sel, prepared=self.prepared, only=names,
+                                nonfinite=self.nonfinite)
         self.derived.update(out)
         self._pending = [name for name in self._pending if name not in out]
         if self.labels is None:
@@ -250,6 +254,7 @@ def compute(
     query_base(querier, sel, at, report, concurrency, assembly.answer, pool)
     report.derived = assembly.finish()
     report.rendered = assembly.rendered
+    report.nonfinite = assembly.nonfinite
     report.seconds = time.monotonic() - started
     return report
 
@@ -314,6 +319,8 @@ class Worker:
         for name, result in report.derived.items():
             if isinstance(result, derive.DeriveError):
                 m.family_errors.labels(name).inc()
+        for name, dropped in report.nonfinite.items():
+            m.nonfinite.labels(name).inc(dropped)
         if report.query_errors:
             line = failure_line(report)
             # One line per change of state, not one per cycle while the upstream stays down.

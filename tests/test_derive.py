@@ -420,3 +420,24 @@ def test_a_table_that_cannot_be_prepared_is_left_to_derive_all_to_report() -> No
     assert_same_tables(out, derive.derive_all(frames, SEL))
     failed = out[":nv_inference_count:rate"]
     assert isinstance(failed, derive.DeriveError) and "ValueError" in failed.message
+
+
+def test_figures_past_the_float_range_are_dropped_and_counted_never_published() -> None:
+    """An upstream value of 1e308 on two servers sums to +Inf, and Inf - Inf is NaN: neither is
+    published, each dropped figure is counted, and no RuntimeWarning escapes (warnings are
+    errors in this suite)."""
+    huge = pd.DataFrame(
+        [("a", "1", "p1", "r0", 1e308), ("a", "1", "p2", "r0", 1e308), ("b", "1", "p1", "r0", 1.0)],
+        columns=["model", "version", "pod", "prometheus_replica", "value"])
+    frames = {q.name: (SLICES if q.source is catalog.Source.DCGM else huge)
+              for q in catalog.BASE_QUERIES}
+    dropped: dict[str, int] = {}
+    out = derive.derive_all(frames, SEL, nonfinite=dropped)
+    for name, table in out.items():
+        assert isinstance(table, pd.DataFrame), name
+        assert np.isfinite(table["value"]).all(), name
+    assert dropped[":nv_inference_count:rate"] == 1
+    assert dropped["model_version:nv_inference_count:rate"] == 1
+    assert dropped["model_version:triton_requests_executed:rate"] == 1  # Inf - Inf
+    assert out["model_version:nv_inference_count:rate"]["model"].tolist() == ["b"]
+    assert "model_version_pod:nv_inference_count:rate" not in dropped  # 1e308 itself is finite

@@ -397,6 +397,33 @@ def test_discover_names_what_is_missing(stack: Stack, tmp_path: Path) -> None:
     assert "yes :triton_model_concurrency:ratio" in done.stdout
 
 
+def test_servers_that_cannot_be_told_apart_are_marked_by_discover_and_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """server_labels naming a label the upstream does not hold: every server would count as
+    one. discover marks the server counts, once withholds them and says why, rates stay."""
+    config = stack.config_file(tmp_path)
+    config.write_text(config.read_text() + "triton: {server_labels: [kubernetes_pod]}\n")
+    at = stack.instant()
+    found = subprocess.run(
+        [sys.executable, "-m", "exporter", "discover", "--config.file", str(config)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert found.returncode == 0, found.stderr
+    for name in catalog.COUNTS_SERVERS:
+        assert f"no  {name}  (servers cannot be told apart: " in found.stdout, name
+    assert "yes model_version:nv_inference_request_success:rate" in found.stdout
+    once = subprocess.run(
+        [sys.executable, "-m", "exporter", "once", "--config.file", str(config), "--at",
+         str(at)], capture_output=True, text=True, timeout=60, check=False)
+    assert once.returncode == 0, once.stderr
+    (warning,) = [line for line in once.stderr.splitlines() if line.startswith("warning:")]
+    assert "servers cannot be told apart" in warning and "kubernetes_pod" in warning
+    published = {line.split("{")[0].split(" ")[0] for line in once.stdout.splitlines()
+                 if line and not line.startswith("#")}
+    assert published.isdisjoint(catalog.COUNTS_SERVERS)
+    assert "model_version:nv_inference_request_success:rate" in published
+
+
 def test_sigterm_during_a_slow_cycle_exits_0_within_5_seconds(tmp_path: Path) -> None:
     """The upstream takes 30 s to answer: serve must not wait for it to leave."""
     import http.server
