@@ -231,8 +231,19 @@ class Sent:
         return sum(chosen) / len(chosen)
 
 
+#: What each model answers for x (tests/triton/server.py).
+ANSWERS = {
+    "batched": lambda x, version: 2 * x,
+    "cached": lambda x, version: x + 1,
+    "versioned": lambda x, version: x * int(version),
+    "flaky": lambda x, version: x,
+}
+
+
 def infer(session: requests.Session, server: TritonServer, model: str, version: str,
           value: float, rows: int) -> tuple[float, bool]:
+    """One request: (seconds the client waited, succeeded); a success must carry the answer
+    of the model version asked for."""
     shape = [rows, 1] if model == "batched" else [1]
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape,
                         "data": [value] * rows}]}
@@ -241,6 +252,8 @@ def infer(session: requests.Session, server: TritonServer, model: str, version: 
                           json=body, timeout=30)
     seconds = time.perf_counter() - started
     assert answer.status_code in (200, 400, 500), answer.text
+    if answer.status_code == 200:
+        assert answer.json()["outputs"][0]["data"] == [ANSWERS[model](value, version)] * rows
     return seconds, answer.status_code == 200
 
 
