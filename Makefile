@@ -4,8 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The real Triton for tests/test_triton.py, in a venv of Debian's python3: PyTriton's
+# Python-backend stub links the system libpython3.11 (tests/triton/server.py points it at its
+# own interpreter's when another build runs it).
+TRITON_PYTHON ?= /usr/bin/python3
+TRITON_VENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 
-.PHONY: install prometheus alertmanager lint typecheck test test-unit demo docs fuzz dashboard rules generate bench bench-quick bench-xl bench-report load dashboard-png clean
+.PHONY: install triton prometheus alertmanager lint typecheck test test-unit test-triton demo docs fuzz dashboard rules generate bench bench-quick bench-xl bench-report load dashboard-png clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -14,6 +20,16 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Falls back to the project's python when $(TRITON_PYTHON) has no venv module.
+$(TRITON_STAMP): tests/triton/requirements.txt
+	@$(TRITON_PYTHON) -m venv $(TRITON_VENV) 2>/dev/null || { rm -rf $(TRITON_VENV); \
+	  echo "$(TRITON_PYTHON) -m venv failed; using $(PYTHON)"; $(PYTHON) -m venv $(TRITON_VENV); }
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q -r tests/triton/requirements.txt
+	@touch $(TRITON_STAMP)
+
+triton: $(TRITON_STAMP)
 
 # Prometheus and promtool: from PATH, else fetched once from Debian's package into .cache/.
 prometheus: $(STAMP)
@@ -28,17 +44,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck prometheus alertmanager
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: lint typecheck prometheus alertmanager triton
+	TRITON_TEST_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# The real-Triton test alone (about a minute): three tritonservers, Prometheus, the exporter.
+test-triton: prometheus triton
+	TRITON_TEST_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -m triton $(PYTEST_ARGS)
 
 demo: prometheus alertmanager
 	$(PY) -m exporter demo
 
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) .cache .mypy_cache .ruff_cache .pytest_cache
 
 docs: $(STAMP)
 	$(PY) -m exporter.docs README.md
