@@ -27,7 +27,7 @@ What is checked, and against what:
   into this Prometheus, recorded at one of their instants: same samples, same functions, so
   equal to a relative 1e-9.
 
-docs/real-sources.md says how it runs and what it proves.
+docs/real-triton-test.md says how it runs and what it proves.
 """
 
 from __future__ import annotations
