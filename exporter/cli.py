@@ -32,9 +32,18 @@ from exporter import (
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.scrape_process import ScrapeProcessError
-from exporter.service import Service, tune_interpreter, wait_for_signal
+from exporter.service import Service, quiet_libraries, tune_interpreter, wait_for_signal
+from exporter.upstream import Hint, UpstreamError
 from exporter.web import bcrypt_hash, hash_password
-from exporter.worker import compute, evaluation_time, exposition, not_computed, series_labels
+from exporter.worker import (
+    compute,
+    cycle_deadline,
+    evaluation_time,
+    exposition,
+    not_computed,
+    printable,
+    series_labels,
+)
 
 log = logging.getLogger("exporter")
 
@@ -206,11 +215,22 @@ def cmd_once(args: argparse.Namespace) -> int:
     at = args.at if args.at is not None else evaluation_time(
         time.time(), ev.eval_delay, ev.interval)
     with upstream.PrometheusClient(cfg.upstream) as client:
-        report = compute(client, sel, at, cfg.upstream.concurrency)
-    for name, error in report.query_errors.items():
-        print(f"error: base query {name}: {error}", file=sys.stderr)
+        report = compute(client, sel, at, cfg.upstream.concurrency,
+                         deadline=time.monotonic() + cycle_deadline(cfg))
+    hinted = False
+    for names, error in _failures(report.query_errors):
+        if error.hint is not None:
+            hinted = True
+            line = _explain(error.hint, args)
+        elif len(names) == 1:
+            line = f"base query {names[0]}: {error}"
+        else:
+            line = (f"base queries {', '.join(names)} failed ({error.reason}): "
+                    f"{printable(error.detail)}")
+        print(f"error: {line}", file=sys.stderr)
     if report.query_errors and not report.frames:
-        print(f"error: upstream {cfg.upstream.url} could not be queried", file=sys.stderr)
+        if not hinted:
+            print(f"error: upstream {cfg.upstream.url} could not be queried", file=sys.stderr)
         return 1
     if not report.query_errors:
         for line in not_computed(report):
@@ -218,6 +238,34 @@ def cmd_once(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(exposition(report, series_labels(sel)))
     sys.stdout.flush()
     return 1 if report.query_errors else 0
+
+
+def _failures(errors: dict[str, UpstreamError]) -> list[tuple[list[str], UpstreamError]]:
+    """The failed base queries grouped by cause (reason, status and detail alike), in order."""
+    groups: dict[tuple[str, int | None, str], tuple[list[str], UpstreamError]] = {}
+    for name, error in errors.items():
+        names, _ = groups.setdefault((error.reason, error.status, error.detail), ([], error))
+        names.append(name)
+    return list(groups.values())
+
+
+def _explain(hint: Hint, args: argparse.Namespace) -> str:
+    """``hint`` as one line: what failed, and where the key to check was set
+    (``cannot reach upstream http://...: connection refused (upstream.url in my.yaml)``)."""
+    advice = f"; {hint.advice}" if hint.advice else ""
+    return f"{printable(hint.problem)} ({_where(hint.key, args)}{printable(advice)})"
+
+
+def _where(key: str, args: argparse.Namespace) -> str:
+    """Where ``key`` got its value: a flag, an environment variable, the file or the default."""
+    if key == "upstream.url" and getattr(args, "upstream", None):
+        return "--upstream"
+    variable = config.ENV_PREFIX + key.upper().replace(".", "__")
+    if any(name.upper() == variable for name in os.environ):
+        return variable
+    if args.config_file is not None:
+        return f"{key} in {args.config_file}"
+    return f"{key}: the built-in default"
 
 
 def read_password() -> str | None:
@@ -273,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_libraries()  # urllib3's retries and the like: at --log.level debug only
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:

@@ -104,14 +104,52 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _check_secret_file(key: str, path: Path) -> None:
-    """The secret file can be read and is not empty (its content is not kept or shown)."""
+def _check_secret_file(key: str, path: Path, header: bool = False) -> None:
+    """The secret file can be read, is not empty and holds what a request can carry (``header``:
+    sent as it is in an HTTP header); its content is not kept or shown."""
     try:
-        empty = not path.read_text(encoding="utf-8").strip()
+        value = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{key}: cannot read {path}: {_why(error)}") from None
-    if empty:
+    if not value:
         raise ValueError(f"{key}: {path} is empty")
+    problem = unsendable(value, header)
+    if problem is not None:
+        raise ValueError(f"{key}: {path} {problem}")
+
+
+#: Control characters (tab aside): a line break would end an HTTP header early, and none of
+#: them belongs in a credential or a header value.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: An HTTP header name (RFC 9110's token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def unsendable(value: str, header: bool = True) -> str | None:
+    """Why ``value`` cannot be sent as a credential (``header``: as it is, in an HTTP header),
+    without quoting it; None when it can."""
+    if _CONTROL.search(value):
+        return "holds a line break or another control character"
+    if header and not value.isascii():
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return "holds a character outside Latin-1, which an HTTP header cannot carry"
+    return None
+
+
+def _sendable_secret(value: SecretStr | None, header: bool, strip: str | None) -> SecretStr | None:
+    """``value`` stripped of ``strip`` at both ends (None: whitespace), or ValueError saying
+    why it cannot be sent, never what it is. Only a token (``header``) may not be empty."""
+    if value is None:
+        return None
+    text = value.get_secret_value().strip(strip)
+    if header and not text:
+        raise ValueError("is empty")
+    problem = unsendable(text, header)
+    if problem is not None:
+        raise ValueError(problem)
+    return SecretStr(text)
 
 
 def _check_ca_file(key: str, path: Path) -> None:
@@ -171,6 +209,22 @@ class BasicAuth(_Strict):
     password: SecretStr | None = None
     password_file: Path | None = None
 
+    @field_validator("username")
+    @classmethod
+    def _usable_username(cls, value: str) -> str:
+        # A YAML block scalar (|) ends in a line break; RFC 7617 takes no ':' in a user name.
+        value = value.strip("\r\n")
+        if ":" in value or _CONTROL.search(value):
+            raise ValueError("must not hold ':' or a control character")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _usable_password(cls, value: SecretStr | None) -> SecretStr | None:
+        # Only the line end goes: spaces at either end may be part of the password. It is sent
+        # base64-encoded, so any other character can be.
+        return _sendable_secret(value, header=False, strip="\r\n")
+
     @model_validator(mode="after")
     def _one_password(self, info: ValidationInfo) -> BasicAuth:
         if self.password is not None and self.password_file is not None:
@@ -200,15 +254,16 @@ class UpstreamConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     tls: TLS = Field(default_factory=TLS)
     timeout: Duration = 10.0
-    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    # Integers are strict: YAML's true would otherwise be taken for 1.
+    retries: Annotated[int, Field(ge=0, le=10, strict=True)] = 2
     backoff: Duration = 0.5
-    max_response_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    max_response_bytes: Annotated[int, Field(gt=0, strict=True)] = 64 * 1024 * 1024
     #: Answer bytes the queries of one cycle may hold at once, shared by the ``concurrency``
     #: queries in flight (None: 2 x max_response_bytes, see :attr:`cycle_response_bytes`).
-    max_cycle_response_bytes: Annotated[int, Field(gt=0)] | None = None
+    max_cycle_response_bytes: Annotated[int, Field(gt=0, strict=True)] | None = None
     #: Base queries of one cycle in flight at once: with round-trip latency the cycle then
     #: takes about its slowest query, not the sum.
-    concurrency: Annotated[int, Field(ge=1, le=32)] = 4
+    concurrency: Annotated[int, Field(ge=1, le=32, strict=True)] = 4
     #: Ask for gzip-compressed answers (see :attr:`gzip`): auto asks unless the upstream is on
     #: this host, where compressing costs the upstream CPU and saves no network.
     compression: Literal["auto", "gzip", "none"] = "auto"
@@ -242,6 +297,28 @@ class UpstreamConfig(_Strict):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _usable_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # A YAML block scalar (|) ends in a line break, which no header can carry; a token
+        # never holds whitespace at its ends.
+        return _sendable_secret(value, header=True, strip=None)
+
+    @field_validator("headers")
+    @classmethod
+    def _usable_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        usable = {}
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            # The value is never shown: X-Api-Key and the like are credentials.
+            text = text.strip()
+            problem = unsendable(text)
+            if problem is not None:
+                raise ValueError(f"the value of {name} {problem}")
+            usable[name] = text
+        return usable
 
     @field_validator("timeout")
     @classmethod
@@ -279,7 +356,7 @@ class UpstreamConfig(_Strict):
         if (self.bearer_token or self.bearer_token_file) and self.basic_auth:
             raise ValueError("set a bearer token or basic_auth, not both")
         if self.bearer_token_file is not None and _checking_files(info):
-            _check_secret_file("bearer_token_file", self.bearer_token_file)
+            _check_secret_file("bearer_token_file", self.bearer_token_file, header=True)
         return self
 
 

@@ -13,15 +13,23 @@ Frame contract (:class:`QueryResult.frame`):
 * ``NaN``, ``+Inf`` and ``-Inf`` samples are kept as float nan/inf: the caller decides what to drop.
 
 Errors are :class:`UpstreamError` with a ``reason`` from :data:`REASONS`, meant as a metric label.
-Their text names the query and the cause and never contains a credential.
+Their text names the query and the cause and never contains a credential. An error that every
+query would meet alike (the upstream unreachable, a refused credential, a wrong path) carries a
+:class:`Hint`: what failed, in words for the user, and the configuration key to check.
+
+Every call ends by a deadline: ``(retries + 1) x timeout`` from its start, or the deadline of
+the cycle it belongs to (:func:`deadline`), whichever comes first. The timeout alone bounds
+each read, and an upstream sending a byte at a time never lets a read time out.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import importlib
 import importlib.metadata
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -29,11 +37,13 @@ import mmap
 import os
 import re
 import reprlib
+import socket
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -45,25 +55,38 @@ import numpy as np
 import pandas as pd
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, ProxyManager
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     InsecureRequestWarning,
+    InvalidHeader,
     MaxRetryError,
     NewConnectionError,
     ReadTimeoutError,
 )
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
-from exporter.config import ConfigError, UpstreamConfig, format_duration, read_secret
+from exporter.config import (
+    ConfigError,
+    UpstreamConfig,
+    format_duration,
+    read_secret,
+    unsendable,
+)
 
 __all__ = [
+    "NOT_SENT",
     "OUTCOMES",
     "REASONS",
+    "Hint",
     "PrometheusClient",
     "Querier",
     "QueryResult",
     "Reason",
     "UpstreamError",
+    "deadline",
     "decode_json",
     "parse_envelope",
     "parse_matrix",
@@ -148,12 +171,26 @@ def _one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: What a query that was never sent says: the deadline of its cycle had passed.
+NOT_SENT = "not sent: the cycle's deadline had passed"
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What an error that fails every query alike means: ``problem``, a sentence naming the
+    upstream, and the configuration ``key`` to check; ``advice`` when there is more to say."""
+
+    problem: str
+    key: str
+    advice: str = ""
+
+
 class UpstreamError(Exception):
     """A failed call to the upstream API.
 
     ``reason`` is one of :data:`REASONS`; ``query`` is the PromQL (``None`` for the metadata
     endpoints); ``status`` is the HTTP status when one was received; ``error_type`` is the API's
-    ``errorType`` when it sent one.
+    ``errorType`` when it sent one; ``hint`` says what to check when the cause is not the query.
     """
 
     def __init__(
@@ -165,6 +202,7 @@ class UpstreamError(Exception):
         status: int | None = None,
         endpoint: str | None = None,
         error_type: str | None = None,
+        hint: Hint | None = None,
     ) -> None:
         self.reason: Reason = reason
         self.detail = _one_line(detail, _DETAIL_SHOWN)
@@ -172,7 +210,14 @@ class UpstreamError(Exception):
         self.status = status
         self.endpoint = endpoint
         self.error_type = error_type
+        self.hint = hint
         super().__init__(str(self))
+
+    def for_query(self, query: str) -> UpstreamError:
+        """The same failure, for another query (one not sent because of this one)."""
+        return UpstreamError(self.reason, self.detail, query=query, status=self.status,
+                             endpoint=self.endpoint, error_type=self.error_type,
+                             hint=self.hint)
 
     def __str__(self) -> str:
         if self.query is not None:
@@ -500,13 +545,11 @@ def _checked_matrix(
 
 
 def parse_vector(payload: Mapping[str, Any], query: str | None = None) -> QueryResult:
-    """Parse an instant-query answer: ``vector`` (one row per series) or ``scalar`` (one row,
-    no label columns). Any other ``resultType`` raises ``bad_response``."""
+    """Parse an instant-query answer: a ``vector``, one row per series. Any other
+    ``resultType`` raises ``bad_response``: a ``scalar`` taken as one row without labels would
+    be published as a series (a MIG slice without identity)."""
     data, found = parse_envelope(payload, query)
     result_type, result = _result(data, query)
-    if result_type == "scalar":
-        _, value = _sample(result, "scalar result", query)
-        return QueryResult(pd.DataFrame({"value": np.array([value], dtype=np.float64)}), found)
     if result_type != "vector":
         raise _bad(f"resultType is {result_type!r}, expected 'vector'", query)
     if not isinstance(result, list):
@@ -572,9 +615,199 @@ def _version() -> str:
         return "0.0.0"
 
 
+# --- deadlines ----------------------------------------------------------------------------------
+
+#: Per thread: the deadline of the cycle its calls belong to (``until``, monotonic seconds) and
+#: the call in progress (``call``), which the connections it uses register with.
+_local = threading.local()
+
+
+@contextmanager
+def deadline(until: float | None, what: str = "the cycle's deadline") -> Iterator[None]:
+    """Calls made by this thread inside end by ``until`` (``time.monotonic()`` seconds) at the
+    latest: the deadline of the cycle they belong to, ``what`` in the error of a call it cuts.
+    None: no deadline besides each call's."""
+    before = getattr(_local, "until", None), getattr(_local, "what", None)
+    _local.until, _local.what = until, what
+    try:
+        yield
+    finally:
+        _local.until, _local.what = before
+
+
+class _Deadline:
+    """One call's deadline. When it passes, the sockets the call uses are shut down: a read
+    blocked on an upstream that sends a byte at a time returns at once, and the retries that
+    follow fail without connecting (see :class:`_Connection`).
+
+    Sockets, not connections: http.client hands the socket of an answer that ends when the
+    upstream closes over to the answer, and the connection forgets it. A socket is cut only by
+    the call that used it last: one back in the pool may be another call's already."""
+
+    def __init__(self, seconds: float, cycle: str | None) -> None:
+        self.seconds = seconds
+        #: What the deadline is when it is the cycle's, not the call's own.
+        self.cycle = cycle
+        self.expired = False
+        self.at = time.monotonic() + seconds
+        self._stopped = False
+        self._sockets: list[socket.socket] = []
+        _WATCHDOG.add(self)
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def watch(self, connection: object) -> None:
+        """Cut the socket of ``connection``, if it has one, when the deadline passes (now, if
+        it has)."""
+        sock = getattr(connection, "sock", None)
+        if not isinstance(sock, socket.socket):
+            return
+        with _SOCKETS:
+            _USERS[sock] = self
+            self._sockets.append(sock)
+            if self.expired:
+                _cut(sock)
+
+    def stop(self) -> None:
+        """The call is over: its connections go back to the pool, uncut."""
+        with _SOCKETS:
+            self._stopped = True
+            self._sockets.clear()
+
+    def expire(self) -> None:
+        with _SOCKETS:
+            if self._stopped:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                if _USERS.get(sock) is self:
+                    _cut(sock)
+
+
+#: The call that used each socket last (see :class:`_Deadline`), and the lock over it.
+_USERS: weakref.WeakKeyDictionary[socket.socket, _Deadline] = weakref.WeakKeyDictionary()
+_SOCKETS = threading.Lock()
+
+
+def _cut(sock: socket.socket) -> None:
+    with suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One thread for every call's deadline (a thread per call cost 0.2 ms to start): it sleeps
+    until the earliest is due and expires it. A call that ends first leaves its entry to expire
+    as a no-op."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _Deadline]] = []
+        self._count = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline) -> None:
+        with self._wake:
+            heapq.heappush(self._due, (deadline.at, next(self._count), deadline))
+            if self._thread is None or not self._thread.is_alive():  # first, or after a fork
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    heapq.heappop(self._due)[2].expire()
+                self._wake.wait(self._due[0][0] - now if self._due else None)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _call_deadline() -> _Deadline | None:
+    found: _Deadline | None = getattr(_local, "call", None)
+    return found
+
+
+def _connect(connection: HTTPConnection, connect: Callable[[], None]) -> None:
+    call = _call_deadline()
+    if call is not None and call.expired:
+        raise ConnectTimeoutError(connection, "the call's deadline has passed")
+    connect()
+    if call is not None:
+        call.watch(connection)  # connected after the deadline passed: cut at once
+
+
+class _Connection(HTTPConnection):
+    def connect(self) -> None:
+        _connect(self, super().connect)
+
+
+class _TLSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        _connect(self, super().connect)
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        connection = super()._get_conn(timeout)
+        call = _call_deadline()
+        if call is not None:
+            call.watch(connection)  # a pooled one, already connected (a new one: at connect)
+        return connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        connection = super()._get_conn(timeout)
+        call = _call_deadline()
+        if call is not None:
+            call.watch(connection)
+        return connection
+
+
+_POOLS: Final[dict[str, type[HTTPConnectionPool]]] = {"http": _Pool, "https": _TLSPool}
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, with connections that a call's deadline can cut."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, ProxyManager):  # not a SOCKS one: its pools are its own
+            manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+def _within_call(seconds: float) -> float:
+    """A wait between attempts, cut to what is left of the call's deadline."""
+    call = _call_deadline()
+    return seconds if call is None else min(seconds, call.remaining())
+
+
 class _Retry(Retry):
     #: Retry-After is honoured on the statuses we retry anyway; never on 413 or other 4xx.
     RETRY_AFTER_STATUS_CODES = frozenset({429, 503})
+
+    def get_retry_after(self, response: BaseHTTPResponse) -> float | None:
+        try:
+            seconds = super().get_retry_after(response)
+        except InvalidHeader:
+            return None  # neither seconds nor a date ("soon"): ignored, the backoff applies
+        return None if seconds is None else _within_call(seconds)
+
+    def get_backoff_time(self) -> float:
+        return _within_call(super().get_backoff_time())
 
 
 def _retry(cfg: UpstreamConfig) -> Retry:
@@ -600,9 +833,11 @@ class _Secret:
     rotated secret (a Kubernetes projected volume swaps a symlink) is used from the next request.
     """
 
-    def __init__(self, value: str | None, path: Path | None, what: str) -> None:
+    def __init__(self, value: str | None, path: Path | None, what: str, header: bool) -> None:
         self._path = path
         self._what = what
+        #: Sent as it is in a header (a token), not base64-encoded (a password).
+        self._header = header
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._problem: str | None = None
@@ -620,6 +855,9 @@ class _Secret:
         value = read_secret(path)
         if not value:
             raise ConfigError(f"{path}: {self._what} file is empty")
+        problem = unsendable(value, self._header)
+        if problem is not None:
+            raise ConfigError(f"{path}: {self._what} file {problem}")
         self._stamp = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
         return value
 
@@ -651,11 +889,11 @@ class _Auth(requests.auth.AuthBase):
         self._basic: tuple[str, _Secret] | None = None
         if cfg.bearer_token is not None or cfg.bearer_token_file is not None:
             token = cfg.bearer_token.get_secret_value() if cfg.bearer_token else None
-            self._bearer = _Secret(token, cfg.bearer_token_file, "bearer token")
+            self._bearer = _Secret(token, cfg.bearer_token_file, "bearer token", True)
         elif cfg.basic_auth is not None:
             basic = cfg.basic_auth
             inline = basic.password.get_secret_value() if basic.password else None
-            password = _Secret(inline, basic.password_file, "basic auth password")
+            password = _Secret(inline, basic.password_file, "basic auth password", False)
             self._basic = (basic.username, password)
 
     def header(self) -> str | None:
@@ -707,14 +945,88 @@ def _describe(error: BaseException) -> str:
     return text
 
 
+def _system_reason(error: BaseException) -> str | None:
+    """What the system said of a failed connection ("connection refused"), if it said it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror[:1].lower() + seen.strerror[1:]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+#: JSON escapes an upstream may use for any character (Go's encoder writes & < > as \u0026
+#: \u003c \u003e), a surrogate pair first; or an escaped backslash, which is skipped whole.
+_ESCAPE = r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|\\)"
+_ESCAPES = re.compile(_ESCAPE)
+_BYTE_ESCAPES = re.compile(_ESCAPE.encode())
+#: Any \uXXXX, a backslash before it or not: what decides whether to look closer.
+_CODES = re.compile(r"\\u([0-9a-fA-F]{4})")
+_BYTE_CODES = re.compile(rb"\\u([0-9a-fA-F]{4})")
+
+
+def _may_escape(codes: set[str] | set[bytes], chars: frozenset[str]) -> bool:
+    """Whether escapes of these hex ``codes`` may spell a character of ``chars`` (half of a
+    surrogate pair may, when one of them lies beyond the Basic Multilingual Plane)."""
+    wide = any(ord(char) > 0xFFFF for char in chars)
+    for code in codes:
+        number = int(code, 16)
+        if chr(number) in chars or (wide and 0xD800 <= number <= 0xDFFF):
+            return True
+    return False
+
+
+def _plain(char: str | None, chars: frozenset[str]) -> str | None:
+    """How an escaped character of a secret is written instead: itself, or the short escape
+    JSON has for a quote or a backslash (which must stay escaped)."""
+    if char is None or char not in chars or char < " ":
+        return None
+    return "\\" + char if char in "\"\\" else char
+
+
+def _escaped(match: re.Match[str] | re.Match[bytes]) -> str | None:
+    """The character a ``\\uXXXX`` escape (or a surrogate pair of them) stands for."""
+    high, low, single = match.groups()
+    if single is not None:
+        code = int(single, 16)
+        return None if 0xD800 <= code <= 0xDFFF else chr(code)
+    if high is not None and low is not None:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+    return None  # an escaped backslash
+
+
+def _unescape(text: str, chars: frozenset[str]) -> str:
+    """``text`` (JSON) with the escapes of ``chars`` written as the characters themselves: the
+    same JSON, in which a secret can be found whichever characters of it were escaped."""
+    if "\\u" not in text or not _may_escape(set(_CODES.findall(text)), chars):
+        return text
+
+    def plain(match: re.Match[str]) -> str:
+        return _plain(_escaped(match), chars) or match.group(0)
+
+    return _ESCAPES.sub(plain, text)
+
+
+def _unescape_bytes(body: bytearray, chars: frozenset[str]) -> bytearray:
+    if b"\\u" not in body or not _may_escape(set(_BYTE_CODES.findall(body)), chars):
+        return body
+
+    def plain(match: re.Match[bytes]) -> bytes:
+        char = _plain(_escaped(match), chars)
+        return char.encode() if char is not None else match.group(0)
+
+    return bytearray(_BYTE_ESCAPES.sub(plain, body))
+
+
 class PrometheusClient:
     """The Prometheus HTTP API over one :class:`requests.Session`.
 
     Queries are POSTed as forms (long PromQL never meets URL limits). Connection failures, read
     timeouts, 429 and 5xx answers are retried ``cfg.retries`` times with exponential backoff
-    (Retry-After honoured on 429/503, capped at one timeout); other 4xx never. Redirects are not
-    followed (a 301/302 would turn the POST into a GET): they fail as ``bad_response`` naming
-    the target. A call can therefore take up to about ``(retries + 1) * timeout`` plus backoff.
+    (Retry-After honoured on 429/503, capped at one timeout; one that is neither seconds nor a
+    date is ignored); other 4xx never. Redirects are not followed (a 301/302 would turn the POST
+    into a GET): they fail as ``bad_response`` naming the target. A call, retries and waits
+    included, ends by :attr:`request_deadline` (``(retries + 1) * timeout``) as a ``timeout``.
 
     ``on_request(outcome, seconds)`` is called once per API call (all retries included), with
     ``ok`` or the :class:`UpstreamError` reason.
@@ -761,7 +1073,7 @@ class PrometheusClient:
         self._timeout = (cfg.timeout, cfg.timeout)
         self._query_timeout = format_duration(cfg.timeout)
         session = requests.Session()
-        adapter = HTTPAdapter(max_retries=_retry(cfg))
+        adapter = _Adapter(max_retries=_retry(cfg))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.verify = self._verify
@@ -792,8 +1104,13 @@ class PrometheusClient:
         """The answer bytes the calls in flight share (one cycle's queries)."""
         return self._budget
 
+    @property
+    def request_deadline(self) -> float:
+        """Seconds a call may take, retries and the waits between them included."""
+        return (self._cfg.retries + 1) * self._cfg.timeout
+
     def instant(self, query: str, at: float) -> QueryResult:
-        """Evaluate ``query`` at ``at`` (Unix seconds): a ``vector`` or ``scalar`` answer."""
+        """Evaluate ``query`` at ``at`` (Unix seconds): a ``vector`` answer."""
         form = {"query": query, "time": _time(at), "timeout": self._query_timeout}
         with self._observe(), self._share() as share:
             result: QueryResult = self._call(
@@ -914,7 +1231,11 @@ class PrometheusClient:
         return text
 
     def _redact_body(self, body: bytearray) -> bytearray:
-        for secret in self._secrets():
+        secrets = self._secrets()
+        if not secrets:
+            return body
+        body = _unescape_bytes(body, frozenset("".join(secrets)))
+        for secret in secrets:
             for form in _json_forms(secret):
                 encoded = form.encode()
                 if encoded in body:
@@ -922,15 +1243,19 @@ class PrometheusClient:
         return body
 
     def _redact_text(self, text: str) -> str:
-        for secret in self._secrets():
+        secrets = self._secrets()
+        if not secrets:
+            return text
+        text = _unescape(text, frozenset("".join(secrets)))
+        for secret in secrets:
             for form in _json_forms(secret):
                 if form in text:
                     text = text.replace(form, "<redacted>")
         return text
 
     def _longest_secret(self) -> int:
-        forms = [len(f.encode()) for s in self._secrets() for f in _json_forms(s)]
-        return max(forms, default=0)
+        # Every character escaped: six bytes each, twelve beyond the Basic Multilingual Plane.
+        return max((12 * len(s) for s in self._secrets()), default=0)
 
     def _error(
         self,
@@ -941,14 +1266,24 @@ class PrometheusClient:
         endpoint: str,
         status: int | None = None,
         error_type: str | None = None,
+        key: str | None = None,
+        problem: str | None = None,
+        advice: str = "",
     ) -> UpstreamError:
+        """The error; with ``key``, a :class:`Hint` of ``problem`` (default: the detail)."""
+        detail = self._redact(detail)
+        hint = None
+        if key is not None:
+            shown = _one_line(self._redact(problem), 2 * _DETAIL_SHOWN) if problem else detail
+            hint = Hint(shown, key, advice)
         return UpstreamError(
             reason,
-            self._redact(detail),
+            detail,
             query=query,
             status=status,
             endpoint=endpoint,
             error_type=error_type,
+            hint=hint,
         )
 
     def _call(
@@ -964,30 +1299,38 @@ class PrometheusClient:
         what ``parse`` makes of it (decoded and parsed holding the ``cpu`` lock)."""
         endpoint = f"{method} {path}"
         started = time.monotonic()
-        response = self._send(method, path, fields, query)
-        if isinstance(response, UpstreamError):
-            raise response
-        status = response.status_code
-        if 200 <= status < 300:
-            try:
-                text, size = self._read_answer(response, share, query=query, path=endpoint)
-            finally:
-                response.close()
-            log.debug(
-                "%s %s -> %d, %d bytes in %.3fs",
-                method,
-                path,
-                status,
-                size,
-                time.monotonic() - started,
-            )
+        watch = self._deadline(query, endpoint)
+        failure: UpstreamError | None = None
+        before, _local.call = getattr(_local, "call", None), watch
+        try:
+            status, answer, size, location = self._exchange(
+                method, path, fields, query, share, endpoint)
+        except UpstreamError as error:
+            failure = error
+        finally:
+            _local.call = before
+            watch.stop()
+        if watch.expired:
+            # Whatever cutting the connection made of the answer (a broken read, a body cut
+            # short), the deadline is why it failed.
+            failure = self._late(watch, query, endpoint)
+        if failure is not None:
+            raise failure
+        log.debug(
+            "%s %s -> %d, %d bytes in %.3fs",
+            method,
+            path,
+            status,
+            size,
+            time.monotonic() - started,
+        )
+        if isinstance(answer, str):
             with self._cpu:
-                failure = None
                 try:
-                    payload = decode_json(text)
+                    payload = decode_json(answer)
                 except (ValueError, RecursionError) as error:
                     failure = self._not_json(
-                        error, text[:80], query=query, path=endpoint, status=status)
+                        error, answer[:80], query=query, path=endpoint, status=status)
                 if failure is not None:
                     # Raised outside the handler: the decoder's error holds the whole answer
                     # (JSONDecodeError.doc), which must not ride along as its __context__.
@@ -998,35 +1341,22 @@ class PrometheusClient:
                     return parse(payload)
                 finally:
                     release(payload)
-        try:  # an error's body: its start is enough, and 64 KiB needs no budget
-            body = self._read(response, _ERROR_BODY_BYTES)
-        except UpstreamError as error:
-            raise self._error(error.reason, error.detail, query=query, endpoint=endpoint) from None
-        finally:
-            response.close()
-        # An upstream (or a proxy) may echo the request's credentials into its answer: errors,
-        # warnings, anything later shown or logged. Remove them before the body is looked at.
-        body = self._redact_body(body)
-        log.debug(
-            "%s %s -> %d, %d bytes in %.3fs",
-            method,
-            path,
-            status,
-            len(body),
-            time.monotonic() - started,
-        )
         if 400 <= status < 600:
             reason: Reason = "http_4xx" if status < 500 else "http_5xx"
-            detail, error_type = _error_text(body)
+            text, error_type = _error_text(answer)
+            detail = f"HTTP {status}: {text}"
+            key, problem, advice = self._status_hint(status, detail, endpoint)
             raise self._error(
                 reason,
-                f"HTTP {status}: {detail}",
+                detail,
                 query=query,
                 endpoint=endpoint,
                 status=status,
                 error_type=error_type,
+                key=key,
+                problem=problem,
+                advice=advice,
             )
-        location = response.headers.get("Location")
         where = f" to {_safe_url(location)!r}" if location else ""
         raise self._error(
             "bad_response",
@@ -1035,6 +1365,96 @@ class PrometheusClient:
             endpoint=endpoint,
             status=status,
         )
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        fields: Mapping[str, Any] | None,
+        query: str | None,
+        share: _Share,
+        endpoint: str,
+    ) -> tuple[int, str | bytearray, int, str | None]:
+        """The request sent and its answer read: status, the text of a 2xx answer or the start
+        of another's body (credentials redacted), the bytes read, the Location header."""
+        response = self._send(method, path, fields, query)
+        if isinstance(response, UpstreamError):
+            raise response
+        status = response.status_code
+        location = response.headers.get("Location")
+        if 200 <= status < 300:
+            try:
+                text, size = self._read_answer(response, share, query=query, path=endpoint)
+            finally:
+                response.close()
+            return status, text, size, location
+        try:  # an error's body: its start is enough, and 64 KiB needs no budget
+            body = self._read(response, _ERROR_BODY_BYTES)
+        except UpstreamError as error:
+            raise self._error(error.reason, error.detail, query=query, endpoint=endpoint) from None
+        finally:
+            response.close()
+        # An upstream (or a proxy) may echo the request's credentials into its answer: errors,
+        # warnings, anything later shown or logged. Remove them before the body is looked at.
+        return status, self._redact_body(body), len(body), location
+
+    def _deadline(self, query: str | None, endpoint: str) -> _Deadline:
+        """This call's deadline: its own, or what is left of its cycle's if that comes first
+        (a timeout error when nothing is)."""
+        seconds = self.request_deadline
+        until: float | None = getattr(_local, "until", None)
+        if until is None or until - time.monotonic() >= seconds:
+            return _Deadline(seconds, None)
+        seconds = until - time.monotonic()
+        if seconds <= 0:
+            raise self._error("timeout", NOT_SENT, query=query, endpoint=endpoint)
+        return _Deadline(seconds, str(getattr(_local, "what", None) or "the cycle's deadline"))
+
+    def _late(self, watch: _Deadline, query: str | None, endpoint: str) -> UpstreamError:
+        if watch.cycle is not None:
+            return self._error(
+                "timeout", f"no complete answer from {self.url} by {watch.cycle}",
+                query=query, endpoint=endpoint, key="upstream.timeout")
+        return self._error(
+            "timeout",
+            f"no complete answer from {self.url} within {watch.seconds:g}s, the request "
+            "deadline ((retries + 1) x timeout)",
+            query=query, endpoint=endpoint, key="upstream.timeout")
+
+    def _status_hint(
+        self, status: int, detail: str, endpoint: str
+    ) -> tuple[str | None, str | None, str]:
+        """For a status every query would get alike: the key to check, the problem, advice."""
+        if status == 401 and "no org id" in detail.lower():  # Mimir's and Cortex's words
+            return ("upstream.headers", f"upstream {self.url} asks for a tenant: {detail}",
+                    "set X-Scope-OrgID, as Mimir and Cortex need")
+        if status in (401, 403):
+            key, advice = self._credential_key()
+            verb = "asks for credentials" if advice else "refused the credentials"
+            return key, f"upstream {self.url} {verb}: {detail}", advice
+        if status == 404 and endpoint.endswith(("/api/v1/query", "/api/v1/query_range")):
+            prefix = "/prometheus"
+            if self.url.endswith(prefix):
+                advice = f"Prometheus itself has no prefix: {self.url.removesuffix(prefix)}"
+            else:
+                advice = f"a Mimir or Cortex URL ends in {prefix}: {self.url}{prefix}"
+            problem = f"upstream {self.url} has no Prometheus API: {endpoint} answered {detail}"
+            return "upstream.url", problem, advice
+        return None, None, ""
+
+    def _credential_key(self) -> tuple[str, str]:
+        """The configuration key of the credential sent, and advice when none is."""
+        cfg = self._cfg
+        if cfg.bearer_token is not None:
+            return "upstream.bearer_token", ""
+        if cfg.bearer_token_file is not None:
+            return "upstream.bearer_token_file", ""
+        if cfg.basic_auth is not None:
+            if cfg.basic_auth.password_file is not None:
+                return "upstream.basic_auth.password_file", ""
+            return "upstream.basic_auth.password", ""
+        return ("upstream.bearer_token",
+                "none is set (bearer_token, bearer_token_file or basic_auth)")
 
     def _send(
         self, method: str, path: str, fields: Mapping[str, Any] | None, query: str | None
@@ -1062,9 +1482,23 @@ class PrometheusClient:
                     stream=True,
                     allow_redirects=False,
                 )
+        except requests.exceptions.InvalidHeader:
+            return self._unsendable(query, f"{method} {path}")
         except requests.RequestException as error:
-            failure, detail = self._classify(error)
-            return self._error(failure, detail, query=query, endpoint=f"{method} {path}")
+            failure, detail, key = self._classify(error)
+            return self._error(failure, detail, query=query, endpoint=f"{method} {path}", key=key)
+        except ValueError:  # http.client refuses a header value, or cannot encode it
+            return self._unsendable(query, f"{method} {path}")
+
+    def _unsendable(self, query: str | None, endpoint: str) -> UpstreamError:
+        # Never the exception's text: it quotes the header, the Authorization one among them.
+        return self._error(
+            "connection",
+            "the request could not be sent: a request header (a credential or upstream.headers) "
+            "holds a character HTTP does not allow",
+            query=query,
+            endpoint=endpoint,
+        )
 
     def _not_json(
         self, error: Exception, start: str, *, query: str | None, path: str, status: int
@@ -1087,7 +1521,7 @@ class PrometheusClient:
                 if len(body) >= limit:
                     break
         except requests.RequestException as error:
-            reason, detail = self._classify(error)
+            reason, detail, _ = self._classify(error)
             raise UpstreamError(reason, f"reading the answer: {detail}") from None
         return body
 
@@ -1143,7 +1577,7 @@ class PrometheusClient:
                     buffer[size : size + len(chunk)] = chunk
                     size += len(chunk)
             except requests.RequestException as error:
-                reason, detail = self._classify(error)
+                reason, detail, _ = self._classify(error)
                 raise self._error(
                     reason, f"reading the answer: {detail}", query=query, endpoint=path
                 ) from None
@@ -1188,22 +1622,28 @@ class PrometheusClient:
             status=response.status_code,
         )
 
-    def _classify(self, error: requests.RequestException) -> tuple[Reason, str]:
+    def _classify(self, error: requests.RequestException) -> tuple[Reason, str, str | None]:
+        """The reason, the detail and the configuration key to check (None: nothing in it)."""
         cause: BaseException | None = error.args[0] if error.args else None
         if isinstance(cause, MaxRetryError) and cause.reason is not None:
             cause = cause.reason
         target = self.url
         if isinstance(cause, NewConnectionError):
-            return "connection", f"cannot connect to {target}: {_describe(cause)}"
+            why = _system_reason(cause) or _describe(cause)
+            return "connection", f"cannot reach upstream {target}: {why}", "upstream.url"
         if isinstance(cause, ConnectTimeoutError) or isinstance(error, requests.ConnectTimeout):
-            return "timeout", f"no connection to {target} within {self._cfg.timeout:g}s"
+            return ("timeout", f"no connection to {target} within {self._cfg.timeout:g}s",
+                    "upstream.timeout")
         if isinstance(cause, ReadTimeoutError) or isinstance(error, requests.Timeout):
-            return "timeout", f"no answer from {target} within {self._cfg.timeout:g}s"
+            return ("timeout", f"no answer from {target} within {self._cfg.timeout:g}s",
+                    "upstream.timeout")
         if isinstance(error, requests.exceptions.SSLError):
-            return "connection", f"TLS error talking to {target}: {_describe(cause or error)}"
+            return ("connection", f"TLS with upstream {target} failed: "
+                    f"{_describe(cause or error)}", "upstream.tls.ca_file")
         return (
             "connection",
             f"{type(error).__name__} talking to {target}: {_describe(cause or error)}",
+            None,
         )
 
 

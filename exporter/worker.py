@@ -1,7 +1,8 @@
 """The cycle: query the upstream at one pinned instant, derive, publish. And its schedule.
 
 One cycle at a time: APScheduler runs the job with ``max_instances=1`` and ``coalesce=True``,
-so a slow cycle makes the scheduler skip ticks (counted as missed) instead of queueing them.
+so a slow cycle makes the scheduler skip ticks (counted as missed) instead of queueing them. A
+cycle ends by its deadline (:func:`cycle_deadline`), whatever the upstream does.
 """
 
 from __future__ import annotations
@@ -22,16 +23,33 @@ import pandas as pd
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import catalog, derive
+from exporter import catalog, derive, upstream
 from exporter.catalog import Selectors
 from exporter.config import Config
 from exporter.publish import Publisher, RenderedFamily, SelfMetrics, render_family
-from exporter.upstream import Querier, QueryResult, UpstreamError
+from exporter.upstream import NOT_SENT, Querier, QueryResult, UpstreamError
 
 log = logging.getLogger(__name__)
 
-#: Errors that say the upstream cannot be reached at all, not that one query was refused.
-UNREACHABLE = frozenset({"connection", "timeout"})
+
+def unreachable(error: UpstreamError) -> bool:
+    """Whether ``error`` says the upstream cannot be reached at all (refused, not resolved, its
+    certificate refused: a connection error with a hint), not that one query failed. A timeout
+    or an answer cut short may be that query's alone; the cycle's deadline bounds the rest."""
+    return error.reason == "connection" and error.hint is not None
+
+
+#: What a query cut by its cycle's deadline says of it.
+CYCLE_DEADLINE = ("the cycle's deadline (the longer of evaluation.interval and "
+                  "(retries + 1) x upstream.timeout)")
+
+
+def cycle_deadline(cfg: Config) -> float:
+    """Seconds a cycle may take: the evaluation interval, or one request's deadline
+    (``(retries + 1) x timeout``) when that is longer, so that a query can take all of its own.
+    """
+    up = cfg.upstream
+    return max(cfg.evaluation.interval, (up.retries + 1) * up.timeout)
 
 
 def evaluation_time(now: float, eval_delay: float, interval: float) -> float:
@@ -78,25 +96,32 @@ def query_base(
     concurrency: int = 1,
     on_answer: Callable[[str, pd.DataFrame], None] | None = None,
     pool: Executor | None = None,
+    deadline: float | None = None,
 ) -> None:
-    """Run every base query at ``at``, up to ``concurrency`` at once.
+    """Run every base query at ``at``, up to ``concurrency`` at once, all done by ``deadline``
+    (``time.monotonic()`` seconds; see :func:`exporter.upstream.deadline`).
 
-    Failures are recorded per query, never raised. Once the upstream proves unreachable the
-    queries not yet sent are failed with the same error instead of waiting out their retries.
+    Failures are recorded per query, never raised, each naming its own query. Once the upstream
+    proves unreachable the queries not yet sent fail with the same cause instead of waiting out
+    their retries; so do those not sent by the deadline, as timeouts.
     ``on_answer(name, frame)`` runs in the calling thread as each answer arrives, while the
     other queries are still in flight. ``pool``: an executor of ``concurrency`` threads kept
     across cycles (none: one is started and stopped for this call).
     """
-    unreachable: list[UpstreamError] = []
+    down: list[UpstreamError] = []
 
     def one(query: catalog.BaseQuery) -> tuple[str, QueryResult | UpstreamError]:
-        if unreachable:
-            return query.name, unreachable[0]
+        promql = query.promql(sel)
+        if down:
+            return query.name, down[0].for_query(promql)
+        if deadline is not None and time.monotonic() >= deadline:
+            return query.name, UpstreamError("timeout", NOT_SENT, query=promql)
         try:
-            return query.name, querier.instant(query.promql(sel), at)
+            with upstream.deadline(deadline, CYCLE_DEADLINE):
+                return query.name, querier.instant(promql, at)
         except UpstreamError as error:
-            if error.reason in UNREACHABLE:
-                unreachable.append(error)
+            if unreachable(error):
+                down.append(error)
             return query.name, error
 
     with nullcontext(pool) if pool is not None else _query_pool(concurrency) as running:
@@ -123,7 +148,7 @@ def query_base(
 LINE_LIMIT = 1500
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """``text`` with control and other non-printable characters as escapes (``\\x1b``).
 
     Error details can quote what the upstream sent (label values, error pages): a terminal
@@ -148,7 +173,7 @@ def failure_line(report: CycleReport) -> str:
     details: dict[str, str] = {}
     for name, error in errors.items():
         if error.reason not in details:
-            details[error.reason] = f"{name}: {_printable(error.detail)}"
+            details[error.reason] = f"{name}: {printable(error.detail)}{_check(error)}"
     line = (
         f"cycle {report.outcome}: {len(errors)} of {len(catalog.BASE_QUERIES)} upstream "
         f"queries failed: {named}; {'; '.join(details.values())}"
@@ -162,8 +187,16 @@ def not_computed(report: CycleReport) -> list[str]:
     for name, result in report.derived.items():
         if isinstance(result, derive.DeriveError):
             by_reason.setdefault(result.message, []).append(name)
-    return [f"families not computed: {_printable(reason)}: {', '.join(names)}"
+    return [f"families not computed: {printable(reason)}: {', '.join(names)}"
             for reason, names in by_reason.items()]
+
+
+def _check(error: UpstreamError) -> str:
+    """What to check, when the cause is not the query: `` (check upstream.url)``."""
+    hint = error.hint
+    if hint is None:
+        return ""
+    return f" (check {hint.key}{'; ' + printable(hint.advice) if hint.advice else ''})"
 
 
 def series_labels(sel: Selectors) -> dict[str, tuple[str, ...]]:
@@ -242,16 +275,18 @@ def compute(
     labels: Mapping[str, tuple[str, ...]] | None = None,
     pool: Executor | None = None,
     cpu: AbstractContextManager[Any] | None = None,
+    deadline: float | None = None,
 ) -> CycleReport:
     """One cycle's figures at instant ``at`` (no publishing): what ``once`` prints.
 
     With ``labels`` the derived families are also rendered (``report.rendered``) as they are
-    derived, for :meth:`Publisher.publish`. ``cpu``: see :class:`Assembly`.
+    derived, for :meth:`Publisher.publish`. ``cpu``: see :class:`Assembly`. ``deadline``: see
+    :func:`query_base`.
     """
     started = time.monotonic()
     report = CycleReport(evaluated_at=at)
     assembly = Assembly(sel, plan or derive.plan(sel), labels, cpu)
-    query_base(querier, sel, at, report, concurrency, assembly.answer, pool)
+    query_base(querier, sel, at, report, concurrency, assembly.answer, pool, deadline)
     report.derived = assembly.finish()
     report.rendered = assembly.rendered
     report.nonfinite = assembly.nonfinite
@@ -303,7 +338,8 @@ class Worker:
             # millisecond before the first request and after the last answer.
             self._pool = _query_pool(self.cfg.upstream.concurrency)
         report = compute(self.querier, self.sel, at, self.cfg.upstream.concurrency,
-                         plan=self.plan, labels=self.labels, pool=self._pool, cpu=self.cpu)
+                         plan=self.plan, labels=self.labels, pool=self._pool, cpu=self.cpu,
+                         deadline=started + cycle_deadline(self.cfg))
         self.publisher.publish(report.derived, self.labels, at, report.good,
                                rendered=report.rendered)
         report.seconds = time.monotonic() - started

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from exporter import cli
+from exporter import cli, config
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,31 @@ CASES = [
     Case("CA file without a certificate", "upstream: {tls: {ca_file: '{dir}/ca.pem'}}",
          "upstream.tls", "ca_file: cannot load {dir}/ca.pem as a PEM CA bundle",
          files={"ca.pem": "not a certificate\n"}),
+    # Values that can never work in an HTTP header: refused by name, the value never shown.
+    Case("token with a line break inside", 'upstream: {bearer_token: "abc\\nSECRET-def"}',
+         "upstream.bearer_token", "holds a line break or another control character",
+         secret="SECRET-def"),
+    Case("password with a line break inside",
+         'upstream: {basic_auth: {username: u, password: "pw\\rSECRET-def"}}',
+         "upstream.basic_auth.password", "holds a line break or another control character",
+         secret="SECRET-def"),
+    Case("user name with a colon", "upstream: {basic_auth: {username: 'a:b', password: pw}}",
+         "upstream.basic_auth.username", "must not hold ':' or a control character"),
+    Case("token file with a line break inside", "upstream: {bearer_token_file: '{dir}/token'}",
+         "upstream", "bearer_token_file: {dir}/token holds a line break or another control "
+         "character", files={"token": "abc\nSECRET-def\n"}, secret="SECRET-def"),
+    Case("header name that is not a token", "upstream: {headers: {'X-Org ID': a}}",
+         "upstream.headers", "'X-Org ID' is not a valid HTTP header name"),
+    Case("header name with a line break", 'upstream: {headers: {"X-A\\nB": a}}',
+         "upstream.headers", "'X-A\\nB' is not a valid HTTP header name"),
+    Case("header name ending in a line break", 'upstream: {headers: {"X-A\\n": a}}',
+         "upstream.headers", "'X-A\\n' is not a valid HTTP header name"),
+    Case("header value with a line break",
+         'upstream: {headers: {X-Scope-OrgID: "tenant\\r\\nX-Evil: SECRET"}}',
+         "upstream.headers", "the value of X-Scope-OrgID holds a line break or another control "
+         "character", secret="SECRET"),
+    Case("boolean for an integer", "upstream: {retries: true}", "upstream.retries",
+         "Input should be a valid integer"),
     Case("token and basic auth",
          "upstream: {bearer_token: s3cr3t-token, basic_auth: {username: u, password: pw}}",
          "upstream", "set a bearer token or basic_auth, not both", secret="s3cr3t-token"),
@@ -185,6 +210,28 @@ def test_the_table_has_every_kind_the_issue_lists() -> None:
                  "missing token file", "CA file", "token and basic auth", "selector",
                  "duplicate slice labels", "listen", "empty file"):
         assert kind in ids, kind
+
+
+def test_credentials_and_header_values_lose_the_line_end_a_block_scalar_gives(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream:\n  bearer_token: |\n    tok-123\n  headers:\n    X-Scope-OrgID: |\n"
+                    "      tenant-a\n")
+    cfg = config.load(path, environ={}).upstream
+    assert cfg.bearer_token is not None and cfg.bearer_token.get_secret_value() == "tok-123"
+    assert cfg.headers == {"X-Scope-OrgID": "tenant-a"}
+    path.write_text("upstream:\n  basic_auth:\n    username: |\n      u\n    password: |\n"
+                    "      pw\n")
+    auth = config.load(path, environ={}).upstream.basic_auth
+    assert auth is not None and auth.username == "u"
+    assert auth.password is not None and auth.password.get_secret_value() == "pw"
+    # Spaces may be part of a password, and some upstreams take an empty one.
+    for password in (" pw ", ""):
+        auth = config.from_mapping({"upstream": {"basic_auth": {
+            "username": "u", "password": password}}}, environ={}).upstream.basic_auth
+        assert auth is not None and auth.password is not None
+        assert auth.password.get_secret_value() == password
 
 
 def test_no_config_file_means_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,14 +3,20 @@ hash-password."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from exporter import cli, config
+from exporter.promserver import free_port
 from exporter.web import verify_password
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,3 +167,77 @@ def test_hash_password_on_a_terminal_asks_twice_without_echo(
         assert verify_password(PASSWORD, out.strip())
     else:
         assert out == "" and err.strip() == "error: the two passwords differ"
+
+
+# --- errors a user reads (once) ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def answering(status: int, body: bytes) -> Iterator[str]:
+    """A tiny HTTP server on 127.0.0.1 answering every request with ``status`` and ``body``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_once_against_a_closed_port_says_what_failed_and_what_to_check_in_one_line(
+    tmp_path: Path,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(f"upstream: {{url: '{url}', retries: 1, backoff: 10ms}}\n")
+    done = run("once", "--config.file", str(cfg))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: cannot reach upstream {url}: connection refused (upstream.url in {cfg})"]
+    # The libraries' own lines (urllib3's retries) only at debug level; the flag is named.
+    debug = run("once", "--upstream", url, "--log.level", "debug")
+    assert debug.returncode == 1
+    assert "Retrying" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == (
+        f"error: cannot reach upstream {url}: connection refused (--upstream)")
+
+
+TOKEN = "tok-SECRET-4711"
+
+
+def test_once_with_a_refused_token_names_the_credential_key_in_one_line(tmp_path: Path) -> None:
+    echo = json.dumps({"status": "error", "errorType": "unauthorized",
+                       "error": f"invalid token Bearer {TOKEN}"}).encode()
+    cfg = tmp_path / "my.yaml"
+    with answering(401, echo) as url:
+        cfg.write_text(f"upstream: {{url: '{url}', bearer_token: {TOKEN}}}\n")
+        done = run("once", "--config.file", str(cfg))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: upstream {url} refused the credentials: HTTP 401: unauthorized: invalid token "
+        f"Bearer <redacted> (upstream.bearer_token in {cfg})"]
+
+
+def test_once_with_a_404_suggests_the_prefix_in_one_line() -> None:
+    with answering(404, b"404 page not found\n") as url:
+        done = run("once", "--upstream", url)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: upstream {url} has no Prometheus API: POST /api/v1/query answered HTTP 404: "
+        f"404 page not found (--upstream; a Mimir or Cortex URL ends in /prometheus: "
+        f"{url}/prometheus)"]

@@ -207,7 +207,11 @@ def test_slow_upstream_bounds_the_cycle_and_never_slows_a_scrape(
     # One line, and a "partial" one for each switch that fell inside a cycle.
     lines = serve.warnings()
     assert len(lines) in (1, 2, 3) and all("(timeout)" in line for line in lines), lines
-    assert any("cycle failure" in line and f"within {timeout:g}s" in line for line in lines)
+    # The first queries' deadline is the cycle's, which began just before them: the deadline
+    # that bounds a call is what the line says.
+    assert any("cycle failure" in line and "by the cycle's deadline (the longer of "
+               "evaluation.interval and (retries + 1) x upstream.timeout) (check upstream."
+               "timeout)" in line for line in lines), lines
     p50, p50_slow = statistics.median(baseline), statistics.median(during)
     print(f"\n/metrics latency: baseline p50 {p50 * 1000:.1f} ms max "
           f"{max(baseline) * 1000:.1f} ms; while a cycle hangs p50 {p50_slow * 1000:.1f} ms "
@@ -216,6 +220,70 @@ def test_slow_upstream_bounds_the_cycle_and_never_slows_a_scrape(
     assert max(during) < 0.5
     assert p50_slow <= max(3 * p50, p50 + 0.02)
     finish(serve)
+
+
+def drip(seconds: float = 10.0) -> Iterator[bytes]:
+    """An answer of a byte every 0.1 s: each read ends well within the timeout, the answer
+    never does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        yield b" "
+        time.sleep(0.1)
+
+
+def test_a_dripping_upstream_is_cut_at_the_deadline_said_once_and_recovered_from(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+    timeout = 0.5  # and one retry: a request ends within (1 + 1) x timeout, and so does a cycle
+    bound = 2 * timeout
+    serve = start_serve(cleanup, exporter_config(fake.url, timeout="500ms"), tmp_path)
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+
+    fake.answer = lambda seen: Reply(body=drip())
+    slow = time.monotonic()
+    serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="failure") or 0) >= 2,
+                10, "two failed cycles")
+    fake.answer = fake.valid
+    healed = time.monotonic()
+    s = serve.until(lambda s: FLEET_RATE in s and value(s, PREFIX + "upstream_up") == 1, 10,
+                    "recovery")
+    # The cycle in progress ends by its deadline; then two cycles.
+    assert time.monotonic() - healed <= bound + 2 * INTERVAL + SLACK
+    cycles: dict[str, list[Seen]] = defaultdict(list)
+    for x in fake.since(slow):
+        if x.arrived < healed and x.left is not None:
+            cycles[x.at].append(x)
+    assert cycles
+    for held in cycles.values():
+        span = max(x.left or 0 for x in held) - min(x.arrived for x in held)
+        assert span <= bound + SLACK, span
+    assert (value(s, PREFIX + "upstream_requests_total", outcome="timeout") or 0) >= 2
+    # Said when hit: one line (and a "partial" one for each switch inside a cycle).
+    lines = serve.warnings()
+    assert len(lines) in (1, 2, 3), lines
+    assert any("cycle failure" in line and "by the cycle's deadline" in line for line in lines)
+    finish(serve)
+
+
+def test_a_refused_token_is_said_once_naming_the_key_and_counted(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    fake = start_fake(cleanup)
+    fake.answer = lambda seen: Reply(401, encode({
+        "status": "error", "errorType": "unauthorized",
+        "error": f"bad credentials: {seen.headers.get('authorization')}"}))
+    serve = start_serve(cleanup, exporter_config(fake.url, bearer_token="tok-SECRET-5"),
+                        tmp_path)
+    s = serve.until(lambda s: (value(s, PREFIX + "cycles_total", outcome="failure") or 0) >= 3,
+                    10, "three failed cycles")
+    assert (value(s, PREFIX + "upstream_requests_total", outcome="http_4xx") or 0) >= 3 * 14
+    finish(serve)
+    [line] = serve.warnings()  # not one per query, nor one per cycle
+    assert message(line).endswith(
+        "; count: HTTP 401: unauthorized: bad credentials: Bearer <redacted> "
+        "(check upstream.bearer_token)"), line
+    assert not [x for x in serve.lines if "urllib3" in x or "SECRET" in x], serve.lines
 
 
 # --- (4) HTTP error statuses -----------------------------------------------------------------

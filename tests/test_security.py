@@ -288,11 +288,11 @@ def test_exception_traces_never_show_the_credentials(
                                                   "not valid JSON"),
         "200 not UTF-8, echoing the credentials": ({"url": not_utf8.url}, "bad_response",
                                                    "not valid JSON"),
-        "connection refused": ({"url": refused}, "connection", "Connection refused"),
+        "connection refused": ({"url": refused}, "connection", "connection refused"),
         "401 echoing the credentials": ({"url": echo.url}, "http_4xx",
                                         "HTTP 401: unauthorized: bad credentials: "),
         "timeout": ({"url": slow.url, "timeout": "200ms", "retries": 0}, "timeout",
-                    "no answer from"),
+                    "no complete answer from"),
         "answer cut short": ({"url": cut.url}, "connection", "reading the answer"),
         "certificate not trusted": ({"url": tls.url}, "connection",
                                     "CERTIFICATE_VERIFY_FAILED"),
@@ -338,7 +338,8 @@ def test_upstream_certificate_is_verified_by_default(
     assert not derived(s)
     assert fake.seen == []  # no request got past the handshake
     [line] = serve.warnings()
-    assert "TLS error talking to https://127.0.0.1:" in line and "CERTIFICATE_VERIFY_FAILED" in line
+    assert "TLS with upstream https://127.0.0.1:" in line and "CERTIFICATE_VERIFY_FAILED" in line
+    assert line.endswith(" (check upstream.tls.ca_file)"), line
     finish(serve)
 
 

@@ -15,12 +15,15 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
+import socketserver
 import ssl
 import subprocess
 import threading
 import time
+import traceback
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +37,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from pydantic import SecretStr
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import InsecureRequestWarning
@@ -457,8 +461,17 @@ def test_answers_are_decoded_and_parsed_holding_the_cpu_lock(
     assert held == [True, True] and not cpu.locked()
 
 
-def test_scalar_is_one_row_without_labels() -> None:
-    result = parse_vector(fixture("scalar.json"), "scalar(1)")
+def test_a_scalar_answer_where_a_vector_is_expected_is_bad_response_naming_the_query() -> None:
+    # Accepted, it became one row without labels: a phantom MIG slice published as healthy.
+    with pytest.raises(UpstreamError) as caught:
+        parse_vector(fixture("scalar.json"), "scalar(1)")
+    assert caught.value.reason == "bad_response"
+    assert str(caught.value) == ("upstream query 'scalar(1)' failed (bad_response): resultType "
+                                 "is 'scalar', expected 'vector'")
+
+
+def test_a_one_row_vector_without_labels_is_one_row_without_label_columns() -> None:
+    result = parse_vector(fixture("vector_42.json"), "sum(up)")
     assert list(result.frame.columns) == ["value"]
     assert result.frame["value"].tolist() == [42.0]
     assert result.frame["value"].dtype == np.float64
@@ -1086,7 +1099,7 @@ def test_on_request_failure_does_not_break_the_query(
     def broken(outcome: str, seconds: float) -> None:
         raise RuntimeError("metrics are broken")
 
-    client, _ = fake_for(Answer(body=fixture_bytes("scalar.json")), on_request=broken)
+    client, _ = fake_for(Answer(body=fixture_bytes("vector_42.json")), on_request=broken)
     assert client.instant("1", 1.0).frame["value"].tolist() == [42.0]
     assert "on_request callback failed" in caplog.text
 
@@ -1109,7 +1122,7 @@ def test_tls_verify_default_ca_file_and_insecure(
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "env-bundle.pem"))
     bundle = tmp_path / "ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
-    answer = Answer(body=fixture_bytes("scalar.json"))
+    answer = Answer(body=fixture_bytes("vector_42.json"))
     default, default_t = fake_for(answer)
     with_ca, with_ca_t = fake_for(answer, tls={"ca_file": str(bundle)})
     insecure, insecure_t = fake_for(answer, tls={"insecure_skip_verify": True})
@@ -1221,7 +1234,7 @@ def test_429_with_retry_after_zero_is_retried(
 ) -> None:
     server.answer(
         Answer(status=429, body=b"slow down", headers={"Retry-After": "0"}),
-        Answer(body=fixture_bytes("scalar.json")),
+        Answer(body=fixture_bytes("vector_42.json")),
     )
     client = client_for(server.url, retries=2, backoff=0)
     assert client.instant("1", 1.0).frame["value"].tolist() == [42.0]
@@ -1262,7 +1275,7 @@ def test_connection_refused(client_for: ClientFactory) -> None:
         client.instant("up", 1.0)
     assert caught.value.reason == "connection"
     assert caught.value.status is None
-    assert "cannot connect to http://127.0.0.1" in str(caught.value)
+    assert f"cannot reach upstream {client.url}: connection refused" in str(caught.value)
     assert calls == ["connection"]
 
 
@@ -1274,7 +1287,9 @@ def test_slow_server_is_timeout(server: ScriptedServer, client_for: ClientFactor
         client.instant("up", 1.0)
     elapsed = time.monotonic() - started
     assert caught.value.reason == "timeout"
-    assert "within 0.25s" in str(caught.value)
+    # The second attempt's read timeout and the call's deadline come together; the deadline,
+    # which bounds the call, is what it says.
+    assert "within 0.5s, the request deadline" in str(caught.value)
     assert len(server.seen) == 2  # a read timeout is retried like any idempotent query
     assert elapsed < 1.2
 
@@ -1426,7 +1441,7 @@ def tls_server(certificate: tuple[Path, Path]) -> Iterator[ScriptedServer]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*certificate)
     srv = ScriptedServer(tls=context)
-    srv.answer(Answer(body=fixture_bytes("scalar.json")))
+    srv.answer(Answer(body=fixture_bytes("vector_42.json")))
     yield srv
     srv.stop()
 
@@ -1436,7 +1451,7 @@ def test_tls_verified_by_default(tls_server: ScriptedServer, client_for: ClientF
     with pytest.raises(UpstreamError) as caught:
         client.instant("1", 1.0)
     assert caught.value.reason == "connection"
-    assert "TLS error" in str(caught.value)
+    assert "TLS with upstream" in str(caught.value)
 
 
 def test_tls_with_ca_file(
@@ -1512,3 +1527,322 @@ def test_a_gzip_answer_is_decoded_and_bounded_by_its_decoded_size(
     with pytest.raises(UpstreamError) as caught:
         small.instant("up", 1.0)
     assert caught.value.reason == "too_large"
+
+
+# === round two: errors a user reads, deadlines, what the upstream may echo =====================
+
+
+def _status_answer(status: int, body: bytes) -> Answer:
+    return Answer(status=status, body=body)
+
+
+UNAUTHORIZED = json.dumps(
+    {"status": "error", "errorType": "unauthorized", "error": "bad token"}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "auth", "key", "problem", "advice"),
+    [
+        (401, {"bearer_token": TOKEN}, "upstream.bearer_token",
+         "upstream {url} refused the credentials: HTTP 401: unauthorized: bad token", ""),
+        (401, {"bearer_token_file": "{token_file}"}, "upstream.bearer_token_file",
+         "upstream {url} refused the credentials: HTTP 401: unauthorized: bad token", ""),
+        (403, {"basic_auth": {"username": "u", "password": PASSWORD}},
+         "upstream.basic_auth.password",
+         "upstream {url} refused the credentials: HTTP 403: unauthorized: bad token", ""),
+        (403, {"basic_auth": {"username": "u", "password_file": "{token_file}"}},
+         "upstream.basic_auth.password_file",
+         "upstream {url} refused the credentials: HTTP 403: unauthorized: bad token", ""),
+        (401, {}, "upstream.bearer_token",
+         "upstream {url} asks for credentials: HTTP 401: unauthorized: bad token",
+         "none is set (bearer_token, bearer_token_file or basic_auth)"),
+    ],
+    ids=["401 bearer_token", "401 bearer_token_file", "403 basic_auth.password",
+         "403 basic_auth.password_file", "401 no credential"],
+)
+def test_a_refused_credential_names_the_key_to_check(
+    server: ScriptedServer, client_for: ClientFactory, tmp_path: Path, status: int,
+    auth: dict[str, Any], key: str, problem: str, advice: str,
+) -> None:
+    token_file = tmp_path / "secret"
+    token_file.write_text(TOKEN + "\n")
+    auth = json.loads(json.dumps(auth).replace("{token_file}", str(token_file)))
+    server.answer(_status_answer(status, UNAUTHORIZED))
+    client = client_for(server.url, **auth)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    hint = caught.value.hint
+    assert hint is not None
+    assert (hint.problem, hint.key, hint.advice) == (problem.format(url=server.url), key, advice)
+    assert len(server.seen) == 1  # a refused credential is not retried
+
+
+def test_a_missing_tenant_names_the_headers(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    server.answer(_status_answer(401, b"no org id\n"))  # Mimir and Cortex, without X-Scope-OrgID
+    with pytest.raises(UpstreamError) as caught:
+        client_for(server.url, bearer_token=TOKEN).instant("up", 1.0)
+    assert caught.value.hint == upstream.Hint(
+        f"upstream {server.url} asks for a tenant: HTTP 401: no org id", "upstream.headers",
+        "set X-Scope-OrgID, as Mimir and Cortex need")
+
+
+@pytest.mark.parametrize(
+    ("path", "advice"),
+    [("", "a Mimir or Cortex URL ends in /prometheus: {url}/prometheus"),
+     ("/prometheus", "Prometheus itself has no prefix: {url}")],
+    ids=["no prefix", "a prefix the upstream does not have"],
+)
+def test_a_404_names_the_url_and_suggests_the_prefix(
+    server: ScriptedServer, client_for: ClientFactory, path: str, advice: str
+) -> None:
+    server.answer(_status_answer(404, b"404 page not found\n"))
+    client = client_for(server.url + path)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "http_4xx"
+    hint = caught.value.hint
+    assert hint is not None and hint.key == "upstream.url"
+    assert hint.problem == (f"upstream {server.url}{path} has no Prometheus API: POST "
+                            "/api/v1/query answered HTTP 404: 404 page not found")
+    assert hint.advice == advice.format(url=server.url)
+
+
+def test_unreachable_and_slow_upstreams_name_the_key_to_check(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    refused = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(UpstreamError) as caught:
+        client_for(refused, retries=0).instant("up", 1.0)
+    assert caught.value.hint == upstream.Hint(
+        f"cannot reach upstream {refused}: connection refused", "upstream.url")
+    server.answer(Answer(delay=1.0))
+    with pytest.raises(UpstreamError) as caught:
+        client_for(server.url, timeout=0.2, retries=0).instant("up", 1.0)
+    assert caught.value.hint == upstream.Hint(
+        f"no complete answer from {server.url} within 0.2s, the request deadline "
+        "((retries + 1) x timeout)", "upstream.timeout")
+    # A refusal of one query is that query's: no hint, the caller names the query.
+    server.answer(Answer(status=400, body=fixture_bytes("error_bad_data.json")))
+    with pytest.raises(UpstreamError) as caught:
+        client_for(server.url).instant("up", 1.0)
+    assert caught.value.hint is None
+
+
+def test_an_untrusted_certificate_names_the_ca_file(
+    tls_server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        client_for(tls_server.url, retries=0).instant("1", 1.0)
+    hint = caught.value.hint
+    assert hint is not None and hint.key == "upstream.tls.ca_file"
+    assert hint.problem.startswith(f"TLS with upstream {tls_server.url} failed: ")
+    assert "CERTIFICATE_VERIFY_FAILED" in hint.problem
+
+
+class _Drip(socketserver.BaseRequestHandler):
+    """Reads one request, then answers a byte every 0.1 s: the status line and a header that
+    never ends (``head``), or a body of an announced 100 kB. Each byte comes well within any
+    read timeout; the whole answer never does (the server gives up after 5 s)."""
+
+    server: _DripServer
+
+    def handle(self) -> None:
+        self.server.arrived.append(time.monotonic())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        found = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+        while found is not None and len(body) < int(found.group(1)):
+            body += self.request.recv(65536)
+        if self.server.head:
+            start, byte = b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a"
+        else:
+            start, byte = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100000\r\n\r\n"), b" "
+        with contextlib.suppress(OSError):
+            self.request.sendall(start)
+            end = time.monotonic() + 5
+            while time.monotonic() < end and not self.server.stopping.wait(0.1):
+                self.request.sendall(byte)
+
+
+class _DripServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    head = False
+    arrived: list[float]
+    stopping: threading.Event
+
+
+@contextlib.contextmanager
+def dripping(head: bool = False) -> Iterator[tuple[str, list[float]]]:
+    """A dripping upstream on 127.0.0.1: its URL, and when each request arrived."""
+    srv = _DripServer(("127.0.0.1", 0), _Drip)
+    srv.head, srv.arrived, srv.stopping = head, [], threading.Event()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", srv.arrived
+    finally:
+        srv.stopping.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["body", "headers"])
+def test_a_dripping_upstream_is_cut_at_the_request_deadline(
+    client_for: ClientFactory, head: bool
+) -> None:
+    outcomes: list[str] = []
+    with dripping(head) as (url, arrived):
+        client = client_for(url, timeout=0.5, retries=1,
+                            on_request=lambda outcome, seconds: outcomes.append(outcome))
+        assert client.request_deadline == 1.0  # (retries + 1) x timeout
+        started = time.monotonic()
+        with pytest.raises(UpstreamError) as caught:
+            client.instant("up", 1.0)
+        elapsed = time.monotonic() - started
+    assert caught.value.reason == "timeout"
+    assert caught.value.detail == (f"no complete answer from {url} within 1s, the request "
+                                   "deadline ((retries + 1) x timeout)")
+    assert caught.value.hint is not None and caught.value.hint.key == "upstream.timeout"
+    assert elapsed <= 1.0 + 0.5, elapsed  # the bound, and slack for a busy machine
+    assert outcomes == ["timeout"]
+    assert 1 <= len(arrived) <= 2
+
+
+def test_a_call_ends_by_the_deadline_of_its_cycle(client_for: ClientFactory) -> None:
+    with dripping() as (url, arrived):
+        client = client_for(url, timeout=0.5, retries=3)  # a request deadline of 2 s
+        started = time.monotonic()
+        with (upstream.deadline(started + 0.5, "the test's deadline"),
+              pytest.raises(UpstreamError) as caught):
+            client.instant("up", 1.0)
+        assert time.monotonic() - started <= 0.5 + 0.5
+        assert caught.value.reason == "timeout"
+        assert caught.value.detail == f"no complete answer from {url} by the test's deadline"
+        # Once it has passed, nothing more is sent.
+        with upstream.deadline(time.monotonic()), pytest.raises(UpstreamError) as caught:
+            client.instant("up", 1.0)
+        assert caught.value.reason == "timeout" and len(arrived) == 1
+
+
+def test_an_unparseable_retry_after_is_ignored_and_the_503_stays_a_server_error(
+    server: ScriptedServer, client_for: ClientFactory
+) -> None:
+    server.answer(Answer(status=503, body=b"maintenance", headers={"Retry-After": "soon"}))
+    client = client_for(server.url, retries=1)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("up", 1.0)
+    assert caught.value.reason == "http_5xx" and caught.value.status == 503
+    assert "HTTP 503: maintenance" in str(caught.value)
+    assert len(server.seen) == 2  # retried with the backoff instead
+
+
+#: What Go's encoding/json makes of & < and > (HTML-safe escapes); any character may be
+#: written as \uXXXX, in either case of hex digits.
+ODD_TOKEN = "tok&en<SECRET>/5"
+
+
+def go_escaped(text: str) -> str:
+    return text.replace("&", "\\u0026").replace("<", "\\u003C").replace(">", "\\u003e")
+
+
+def test_credentials_echoed_with_json_unicode_escapes_are_redacted(
+    server: ScriptedServer, client_for: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    def echo(seen: Seen) -> Answer:
+        header = go_escaped(seen.headers["authorization"])
+        if seen.form.get("query") == ["ok"]:
+            series = ('{"metric":{"auth":"' + header + '","other":"a\\u0026b",'
+                      '"literal":"\\\\u0026"},"value":[1,"1"]}')
+            body = ('{"status":"success","warnings":["saw ' + header + '"],"data":{'
+                    '"resultType":"vector","result":[' + series + ']}}')
+            return Answer(body=body.encode())
+        return Answer(status=401, body=('{"status":"error","errorType":"unauthorized",'
+                                        '"error":"bad ' + header + '"}').encode())
+
+    server.answer(echo)
+    caplog.set_level(logging.DEBUG)
+    client = client_for(server.url, bearer_token=ODD_TOKEN)
+    result = client.instant("ok", 1.0)
+    [row] = result.frame.to_dict("records")
+    assert row["auth"] == "Bearer <redacted>"
+    assert row["other"] == "a&b" and row["literal"] == "\\u0026"  # the rest as JSON says
+    assert result.warnings == ("saw Bearer <redacted>",)
+    with pytest.raises(UpstreamError) as caught:
+        client.instant("refused", 1.0)
+    assert "<redacted>" in str(caught.value)
+    for text in (str(caught.value), caplog.text):
+        assert "SECRET" not in text
+
+
+@pytest.mark.parametrize(
+    "update",
+    [{"bearer_token": SecretStr(TOKEN + "\n")}, {"headers": {"X-Api-Key": TOKEN + "\r\nX: y"}}],
+    ids=["token with a line end", "header value with a line break"],
+)
+def test_a_header_http_refuses_fails_the_call_without_showing_it(
+    server: ScriptedServer, update: dict[str, Any]
+) -> None:
+    # Refused at load since; a configuration built in code skips that check.
+    cfg = make_cfg(server.url, retries=0).model_copy(update=update)
+    outcomes: list[str] = []
+    with (PrometheusClient(cfg, on_request=lambda o, s: outcomes.append(o)) as client,
+          pytest.raises(UpstreamError) as caught):
+        client.instant("up", 1.0)
+    error = caught.value
+    assert outcomes == [error.reason] and error.reason == "connection"
+    assert "a request header (a credential or upstream.headers) holds a character" in str(error)
+    printed = "".join(traceback.format_exception(error))
+    assert TOKEN not in printed and TOKEN not in repr(error)
+    assert server.seen == []
+
+
+def test_a_token_file_with_a_line_break_inside_is_refused_and_never_shown(
+    tmp_path: Path, server: ScriptedServer, client_for: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("first-SECRET\nsecond-SECRET\n")
+    with pytest.raises(ConfigError) as caught:
+        client_for(server.url, bearer_token_file=str(path))
+    assert str(caught.value) == (f"{path}: bearer token file holds a line break or another "
+                                 "control character")
+    path.write_text("good-token\n")
+    client = client_for(server.url, bearer_token_file=str(path))
+    client.instant("up", 1.0)
+    path.write_text("bad\rtoken-SECRET\n")  # a rotation gone wrong: the last good one is kept
+    client.instant("up", 1.0)
+    assert [s.headers["authorization"] for s in server.seen] == ["Bearer good-token"] * 2
+    assert "keeping the previous bearer token" in caplog.text
+    assert "SECRET" not in caplog.text
+
+
+def test_a_deadline_cuts_only_the_sockets_its_call_used_last() -> None:
+    # A call's connection back in the pool may be another call's by the time the first call's
+    # deadline passes: that one must not lose it.
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        connection = types.SimpleNamespace(sock=mine)
+        first = upstream._Deadline(0.05, None)
+        first.watch(connection)
+        second = upstream._Deadline(60, None)
+        second.watch(connection)  # taken from the pool by another call
+        time.sleep(0.2)
+        assert first.expired and not second.expired
+        theirs.sendall(b"x")
+        assert mine.recv(1) == b"x"  # not shut down
+        second.stop()
+        alone = upstream._Deadline(0.05, None)
+        alone.watch(connection)
+        time.sleep(0.2)
+        assert mine.recv(1) == b""  # shut down: a blocked read returns at once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from exporter import catalog, config, derive, worker
 from exporter.catalog import Selectors
 from exporter.publish import Publisher, SelfMetrics, render_family
-from exporter.upstream import QueryResult, UpstreamError
+from exporter.upstream import Hint, PrometheusClient, QueryResult, UpstreamError
 
 CFG = config.load(None, environ={})
 SEL = Selectors.from_config(CFG)
@@ -222,3 +223,113 @@ def test_servers_that_cannot_be_told_apart_withhold_the_server_counts_and_say_so
     assert all(name in lines[0] for name in catalog.COUNTS_SERVERS)
     rates = report.derived["model_version:nv_inference_request_success:rate"]
     assert isinstance(rates, pd.DataFrame) and len(rates) == 3
+
+
+PROMQL = {q.name: q.promql(SEL) for q in catalog.BASE_QUERIES}
+
+
+class OneFails(Upstream):
+    """``count`` fails with ``error``; the others answer."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__()
+        self.error = error
+
+    def instant(self, query: str, at: float) -> QueryResult:
+        if self.names[query] == "count":
+            raise self.error.for_query(query)
+        return super().instant(query, at)
+
+
+@pytest.mark.parametrize("error", [
+    UpstreamError("timeout", "no answer from http://x within 1s"),
+    UpstreamError("connection", "reading the answer: connection reset by peer"),
+], ids=["slow", "cut short"])
+def test_with_concurrency_1_a_query_that_fails_fails_alone_with_its_own_text(
+    error: UpstreamError,
+) -> None:
+    report = worker.CycleReport(evaluated_at=0.0)
+    worker.query_base(OneFails(error), SEL, 0.0, report, 1)
+    assert list(report.query_errors) == ["count"]
+    assert report.query_errors["count"].query == PROMQL["count"]
+    assert list(report.frames) == [name for name in PROMQL if name != "count"]
+
+
+class Refused:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def instant(self, query: str, at: float) -> QueryResult:
+        self.sent.append(query)
+        detail = "cannot reach upstream http://x: connection refused"
+        # As the client has it: the upstream is not there, whatever the query.
+        raise UpstreamError("connection", detail, query=query,
+                            hint=Hint(detail, "upstream.url"))
+
+
+def test_a_refused_connection_fails_the_queries_not_sent_each_with_its_own_text() -> None:
+    upstream = Refused()
+    report = worker.CycleReport(evaluated_at=0.0)
+    worker.query_base(upstream, SEL, 0.0, report, 1)
+    assert len(upstream.sent) == 1  # the upstream is not there: the rest are not sent
+    assert {name: e.query for name, e in report.query_errors.items()} == PROMQL
+    assert {(e.reason, e.detail) for e in report.query_errors.values()} == {
+        ("connection", "cannot reach upstream http://x: connection refused")}
+
+
+class Slow(Upstream):
+    def instant(self, query: str, at: float) -> QueryResult:
+        time.sleep(0.1)
+        return QueryResult(FRAMES[self.names[query]], ())
+
+
+def test_queries_not_answered_by_the_cycle_deadline_fail_on_their_own() -> None:
+    report = worker.CycleReport(evaluated_at=0.0)
+    started = time.monotonic()
+    worker.query_base(Slow(), SEL, 0.0, report, 1, deadline=started + 0.35)
+    assert time.monotonic() - started <= 0.35 + 0.15
+    assert 2 <= len(report.frames) <= 4
+    assert set(report.frames) | set(report.query_errors) == set(PROMQL)
+    for name, error in report.query_errors.items():
+        assert error.reason == "timeout" and error.query == PROMQL[name]
+        assert error.detail == "not sent: the cycle's deadline had passed"
+
+
+def test_a_cycle_is_bounded_by_the_interval_or_the_request_deadline() -> None:
+    def bound(**upstream: object) -> float:
+        cfg = config.from_mapping({"upstream": upstream, "evaluation": {"interval": "30s"}},
+                                  environ={})
+        return worker.cycle_deadline(cfg)
+
+    assert bound() == 30.0  # (2 + 1) x 10 s, the interval: both 30 s
+    assert bound(timeout="20s") == 60.0
+    assert bound(timeout="1s", retries=0) == 30.0
+
+
+def test_a_cycle_against_a_dripping_upstream_ends_by_its_deadline() -> None:
+    from fakes import FakeUpstream, Reply
+
+    def drip() -> Iterator[bytes]:
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            yield b" "
+            time.sleep(0.1)
+
+    cfg = config.from_mapping({"upstream": {"timeout": "500ms", "retries": 1,
+                                            "concurrency": 1},
+                               "evaluation": {"interval": "500ms"}}, environ={})
+    fake = FakeUpstream(SEL).start()
+    fake.answer = lambda seen: Reply(body=drip())
+    try:
+        client = PrometheusClient(cfg.upstream.model_copy(update={"url": fake.url}))
+        bound = worker.cycle_deadline(cfg)
+        assert bound == 1.0
+        started = time.monotonic()
+        report = worker.compute(client, SEL, 0.0, 1, deadline=started + bound)
+        elapsed = time.monotonic() - started
+        client.close()
+    finally:
+        fake.stop()
+    assert elapsed <= bound + 0.5, elapsed
+    assert set(report.query_errors) == set(PROMQL)
+    assert {e.reason for e in report.query_errors.values()} == {"timeout"}
