@@ -23,7 +23,13 @@ import pytest
 import requests
 import yaml
 from conftest import Stack
-from figures import Figures, exporter_figures, series_key
+from figures import (
+    choose_rule_phase,
+    exporter_figures,
+    in_flight,
+    recorded_figures,
+    rule_groups,
+)
 
 from exporter import catalog, config, derive, promserver, rules, upstream
 from exporter.catalog import Selectors
@@ -502,69 +508,6 @@ def test_promtool_unit_tests_pass(prometheus_binaries: promserver.PrometheusBina
 #: sums are added (Go's map order vs pandas' groupby) and x*3/7 vs x*(3/7): a few ulps (seen:
 #: at most 4e-16).
 REL = 1e-12
-#: Time allowed between a scrape's end and its samples being readable by a rule, on a busy host.
-STORE_MARGIN = 0.03
-
-
-def recorded_figures(prom: promserver.PrometheusServer, at: float) -> Figures:
-    """Every recorded sample stamped exactly ``at`` (the raw samples of a short range)."""
-    out: Figures = {}
-    for series in prom.query('{__name__=~".*:.*:.*"}[500ms]', at):
-        for stamp, value in series["values"]:
-            if round(float(stamp) * 1000) == round(at * 1000):
-                out.setdefault(series["metric"]["__name__"], {})[series_key(series["metric"])] = (
-                    float(value))
-    return out
-
-
-def _rule_groups(prom: promserver.PrometheusServer) -> list[dict[str, Any]]:
-    answer = requests.get(f"{prom.url}/api/v1/rules", timeout=5).json()
-    groups: list[dict[str, Any]] = answer["data"]["groups"]
-    return groups
-
-
-def _seconds(rfc3339: str) -> float:
-    from datetime import datetime
-
-    head, _, frac = rfc3339.rstrip("Z").partition(".")
-    base = datetime.fromisoformat(head + "+00:00").timestamp()
-    return base + (float("0." + frac) if frac else 0.0)
-
-
-def _choose_rule_phase(prom: promserver.PrometheusServer, base: dict[str, Any], cfg: Config,
-                       folder: Path) -> Path:
-    """Load the rules from a file whose group evaluates away from every scrape.
-
-    A group's evaluation phase is a hash of its name and file; a scrape's, a hash of its target.
-    A rule evaluated at T while a scrape stamped just before T is still in flight misses that
-    sample, which a later query at T sees (seen: a raw rate 1e-4 off). Each rule file path gives
-    a new phase: take one where no scrape is stamped within (longest scrape + STORE_MARGIN)
-    before the group's instant. :func:`in_flight` checks each instant compared again.
-    """
-    durations = [float(r["value"][1])
-                 for r in prom.query("max_over_time(scrape_duration_seconds[10s])")]
-    stamps = [float(r["value"][1]) for r in prom.query("timestamp(up)")]
-    unsafe = max(durations, default=0.01) + STORE_MARGIN
-    for attempt in range(30):
-        paths = rules.write(cfg, folder / f"attempt-{attempt}")
-        recording = str(paths[0])
-        prom.config = {**base, "rule_files": [str(p) for p in paths]}
-        prom.reload()
-
-        def evaluated(path: str = recording) -> float | None:
-            for group in _rule_groups(prom):
-                if group["file"] == path and not group["lastEvaluation"].startswith("0001"):
-                    return _seconds(group["lastEvaluation"])
-            return None
-
-        started = promserver.wait_for(evaluated, 10, 0.05, what="the rule group to evaluate")
-        # lastEvaluation is the wall time the evaluation began: its instant, or up to ~10 ms
-        # after it. Unsafe: a scrape stamped up to `unsafe` before any instant in that range.
-        if all((started - s) % 1.0 > unsafe + 0.01 for s in stamps):
-            return Path(recording)
-    pytest.fail("no rule-file name gave an evaluation phase clear of the scrapes")
-
-
 @pytest.fixture
 def ruled_stack(stack: Stack, tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
     """The module's stack with the rules rendered for its 5 s window and a 1 s group interval."""
@@ -578,7 +521,7 @@ def ruled_stack(stack: Stack, tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
     try:
         promserver.wait_for(lambda: len(stack.prom.query("timestamp(up)")) == targets, 10,
                             what="a scrape of every target")
-        _choose_rule_phase(stack.prom, base, cfg, tmp_path / "rules")
+        choose_rule_phase(stack.prom, base, cfg, tmp_path / "rules")
         yield stack, exporter_config
     finally:
         stack.faults.duplicate_replica = False
@@ -586,18 +529,6 @@ def ruled_stack(stack: Stack, tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
         stack.prom.config = base
         if stack.prom.is_running():
             stack.prom.reload()
-
-
-def in_flight(prom: promserver.PrometheusServer, at: float) -> list[str]:
-    """Targets whose last scrape stamped at or before ``at`` may not have been stored yet when
-    the rules evaluated at ``at``: stamped less than its own duration + STORE_MARGIN before."""
-    late = []
-    for series in prom.query("scrape_duration_seconds[3s]", at):
-        stamp, duration = (float(v) for v in series["values"][-1])
-        if at - stamp <= duration + STORE_MARGIN:
-            target = series["metric"].get("pod", series["metric"].get("instance"))
-            late.append(f"{target}: {at - stamp:.3f} s after a {duration:.3f} s scrape")
-    return late
 
 
 def nearest_scrapes(stack: Stack, at: float) -> list[tuple[float, float, str]]:
@@ -670,7 +601,7 @@ def test_rules_on_a_real_prometheus_record_what_once_prints(
                    and a["state"] == "firing" for a in answer["data"]["alerts"])
 
     promserver.wait_for(mismatch_firing, 10, 0.2, what="TritonInferenceRateMismatch firing")
-    for group in _rule_groups(stack.prom):
+    for group in rule_groups(stack.prom):
         for rule in group["rules"]:
             assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
     assert math.isfinite(faulty)

@@ -48,9 +48,17 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from figures import Figures, exporter_figures, prometheus_figures, relative_difference, series_key
+from figures import (
+    Figures,
+    choose_rule_phase,
+    exporter_figures,
+    in_flight,
+    prometheus_figures,
+    recorded_figures,
+    relative_difference,
+    series_key,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from test_rules import _choose_rule_phase, in_flight, recorded_figures
 
 from exporter import catalog, config, promserver, rules
 from exporter.process import ManagedProcess, free_port
@@ -389,7 +397,7 @@ def fleet(prometheus_binaries: promserver.PrometheusBinaries,
         started = time.time()
         first = promserver.wait_for(lambda: scraped_after(prom, started, len(servers)), 20,
                                     what="a scrape of every Triton server")
-        _choose_rule_phase(prom, base, cfg, root / "rules")
+        choose_rule_phase(prom, base, cfg, root / "rules")
         time.sleep(max(0.0, first + WINDOW - 0.5 - time.time()))
         before = {name: s.counters() for name, s in servers.items()}
         load_start = time.time()
