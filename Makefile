@@ -33,10 +33,10 @@ triton: $(TRITON_STAMP)
 
 # Prometheus and promtool: from PATH, else fetched once from Debian's package into .cache/.
 prometheus: $(STAMP)
-	$(PY) -c "from exporter.promserver import find_prometheus; b = find_prometheus(); print('prometheus', b.version, b.prometheus)"
+	$(PY) -c "from exporter.lab.promserver import find_prometheus; b = find_prometheus(); print('prometheus', b.version, b.prometheus)"
 
 alertmanager: $(STAMP)
-	$(PY) -c "from exporter.amserver import find_alertmanager; b = find_alertmanager(); print('alertmanager', b.version, b.alertmanager)"
+	$(PY) -c "from exporter.lab.amserver import find_alertmanager; b = find_alertmanager(); print('alertmanager', b.version, b.alertmanager)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests benchmarks docs/dashboard_png.py
@@ -79,7 +79,7 @@ rules: $(STAMP)
 	$(PY) -m exporter rules --out rules
 	$(PY) -m exporter rules --out rules --format prometheusrule
 	$(PY) -m exporter rules --out deploy/kubernetes --format prometheusrule-alerts
-	P=$$($(PY) -c "from exporter.promserver import find_prometheus; print(find_prometheus().promtool)"); \
+	P=$$($(PY) -c "from exporter.lab.promserver import find_prometheus; print(find_prometheus().promtool)"); \
 	  $$P check rules rules/*.rules.yaml && cd rules/tests && $$P test rules *.yaml
 
 # Every generated file at once.

@@ -1,6 +1,6 @@
 """Fleet sizes, their backfilled history, and a Prometheus serving it (benchmarks only).
 
-A size is a :class:`exporter.simulate.FleetSpec` plus how much history to write. The history is
+A size is a :class:`exporter.lab.simulate.FleetSpec` plus how much history to write. The history is
 written with ``Fleet.write_openmetrics`` at a 15 s step, backfilled with promtool into a fresh
 TSDB, and served by a real Prometheus on 127.0.0.1. The evaluation instant is pinned inside the
 history (``after`` seconds before its end), so every figure is computed on full windows whatever
@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from exporter import promserver, simulate
+from exporter.lab import promserver, simulate
 
 STEP = 15.0
 #: Families the exporter's base queries and the notebook's queries read.

@@ -54,8 +54,8 @@ import bench_report
 import requests
 from bench_fleet import SIZES, Size, UsedFamiliesFleet, prometheus_on
 
-from exporter import promserver
 from exporter.config import format_duration, parse_duration
+from exporter.lab import promserver
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -47,8 +47,8 @@ import requests
 from bench_fleet import SIZES, Size, pinned_instant, prometheus_on, query_stats, write_history
 from bench_probe import Exporter, Probe
 
-from exporter import promserver
 from exporter.config import parse_duration
+from exporter.lab import promserver
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

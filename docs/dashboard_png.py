@@ -36,7 +36,8 @@ import matplotlib.pyplot as plt
 import requests
 from matplotlib.axes import Axes
 
-from exporter import catalog, demo, promserver, rules, simulate
+from exporter import catalog, rules
+from exporter.lab import demo, promserver, simulate
 from exporter.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent

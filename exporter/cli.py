@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import logging
 import os
 import sys
@@ -18,17 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from exporter import (
-    __version__,
-    config,
-    dashboard,
-    demo,
-    discover,
-    report,
-    rules,
-    simulate,
-    upstream,
-)
+from exporter import __version__, config, dashboard, discover, report, rules, upstream
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.scrape_process import ScrapeProcessError
@@ -91,7 +82,21 @@ def _add_web_config_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The lab's commands: their module is imported only when one of them runs, so every other
+#: command starts without the simulator and the Prometheus fetchers.
+LAB_COMMANDS = {
+    "simulate": ("exporter.lab.simulate", "run the Triton + dcgm-exporter fleet simulator"),
+    "demo": ("exporter.lab.demo", "simulator + a real Prometheus (rules and alerts loaded) + "
+             "Alertmanager + the exporter, all on 127.0.0.1"),
+}
+
+
+def _lab(command: str) -> Any:
+    return importlib.import_module(LAB_COMMANDS[command][0])
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a lab command's flags are added when ``command`` is that command."""
     parser = argparse.ArgumentParser(
         prog="triton-mig-exporter",
         description="Fleet figures for NVIDIA Triton on MIG slices, derived from an upstream "
@@ -145,13 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_arguments(sub.add_parser(
         "dashboard", help="render the Grafana dashboard from the catalog"
     ))
-    simulate.add_arguments(sub.add_parser(
-        "simulate", help="run the Triton + dcgm-exporter fleet simulator"
-    ))
-    demo.add_arguments(sub.add_parser(
-        "demo", help="simulator + a real Prometheus (rules and alerts loaded) + Alertmanager + "
-        "the exporter, all on 127.0.0.1"
-    ))
+    for name, (_, text) in LAB_COMMANDS.items():
+        lab = sub.add_parser(name, help=text)
+        if name == command:
+            _lab(name).add_arguments(lab)
     return parser
 
 
@@ -308,14 +310,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": report.main_from_args,
     "rules": rules.main_from_args,
     "dashboard": dashboard.main_from_args,
-    "simulate": simulate.main_from_args,
-    "demo": demo.main_from_args,
+    **{name: (lambda args: int(_lab(args.command).main_from_args(args)))
+       for name in LAB_COMMANDS},
     "hash-password": cmd_hash_password,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    args = build_parser(command).parse_args(words)
     logging.basicConfig(
         level=getattr(logging, getattr(args, "log_level", "info").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter import promserver, simulate
+from exporter.lab import promserver, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 

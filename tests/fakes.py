@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalog, config
 from exporter.catalog import Selectors
-from exporter.promserver import wait_for
+from exporter.lab.promserver import wait_for
 
 PREFIX = "triton_mig_exporter_"
 DERIVED = frozenset(s.name for s in catalog.SERIES)

@@ -14,8 +14,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import promserver, rules
+from exporter import rules
 from exporter.config import Config
+from exporter.lab import promserver
 
 #: series name -> label set -> value
 Figures = dict[str, dict[tuple[tuple[str, str], ...], float]]

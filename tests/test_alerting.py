@@ -32,9 +32,10 @@ import pytest
 import requests
 import yaml
 
-from exporter import amserver, config, demo, promserver, rules, simulate
+from exporter import config, rules
 from exporter.catalog import Selectors
 from exporter.config import Config
+from exporter.lab import amserver, demo, promserver, simulate
 from exporter.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from exporter import cli, config
-from exporter.promserver import free_port
+from exporter.lab.promserver import free_port
 from exporter.web import verify_password
 
 ROOT = Path(__file__).resolve().parent.parent

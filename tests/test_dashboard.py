@@ -23,7 +23,8 @@ import pytest
 import requests
 import yaml
 
-from exporter import catalog, config, dashboard, demo, promserver, simulate
+from exporter import catalog, config, dashboard
+from exporter.lab import demo, promserver, simulate
 from exporter.publish import PREFIX, Publisher, SelfMetrics
 
 ROOT = Path(__file__).resolve().parent.parent

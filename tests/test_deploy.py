@@ -26,7 +26,8 @@ import pytest
 import requests
 import yaml
 
-from exporter import cli, config, promserver
+from exporter import cli, config
+from exporter.lab import promserver
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -54,8 +54,9 @@ from fakes import (
 )
 from figures import keyed, prometheus_figures, relative_difference
 
-from exporter import catalog, config, promserver, rules, simulate
-from exporter.promserver import free_port, wait_for
+from exporter import catalog, config, rules
+from exporter.lab import promserver, simulate
+from exporter.lab.promserver import free_port, wait_for
 from exporter.upstream import REASONS, UpstreamError
 from exporter.worker import LINE_LIMIT, CycleReport, failure_line
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalog, config
 from exporter.config import UpstreamConfig
-from exporter.promserver import wait_for
+from exporter.lab.promserver import wait_for
 from exporter.service import Service
 from exporter.upstream import PrometheusClient
 

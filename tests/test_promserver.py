@@ -1,4 +1,4 @@
-"""Tests for exporter.promserver, mostly against the real Prometheus binary.
+"""Tests for exporter.lab.promserver, mostly against the real Prometheus binary.
 
 The first run may download Debian's prometheus package (~20 MB) into ./.cache; later runs reuse it.
 Every process a test starts is stopped by a fixture finalizer, also when an assertion fails.
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import requests
 
-from exporter import promserver
-from exporter.promserver import (
+from exporter.lab import promserver
+from exporter.lab.promserver import (
     BackfillError,
     PrometheusBinaries,
     PrometheusServer,

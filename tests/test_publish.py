@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 from exporter import catalog, config, publish, upstream
 from exporter.catalog import Selectors
 from exporter.publish import InProcess, Publisher, SelfMetrics, SnapshotCollector
-from exporter.upstream import QueryResult, UpstreamError
+from exporter.upstream import Hint, QueryResult, UpstreamError
 from exporter.web import App
 from exporter.worker import Worker, evaluation_time
 
@@ -45,7 +45,9 @@ class FakeUpstream:
     def instant(self, query: str, at: float) -> QueryResult:
         self.calls.append((query, at))
         if "*" in self.failing or any(name in query for name in self.failing):
-            raise UpstreamError("connection", "connection refused", query=query)
+            # As the client says it: a refused connection carries what to check.
+            raise UpstreamError("connection", "connection refused", query=query,
+                                hint=Hint("cannot reach upstream", "upstream.url"))
         return QueryResult(self.frames[query], ())
 
 

@@ -25,9 +25,10 @@ import pandas as pd
 import pytest
 import requests
 
-from exporter import catalog, config, promserver, report, simulate, worker
+from exporter import catalog, config, report, worker
 from exporter.catalog import BASE_QUERIES, PHASES, Selectors
 from exporter.config import Config
+from exporter.lab import promserver, simulate
 from exporter.report import (
     FLEET_COLUMNS,
     MAX_POINTS,

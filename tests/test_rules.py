@@ -31,9 +31,10 @@ from figures import (
     rule_groups,
 )
 
-from exporter import catalog, config, derive, promserver, rules, upstream
+from exporter import catalog, config, derive, rules, upstream
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
+from exporter.lab import promserver
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "rules"

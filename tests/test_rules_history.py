@@ -40,7 +40,8 @@ import pytest
 import yaml
 from figures import exporter_figures, prometheus_figures, relative_difference, series_key
 
-from exporter import catalog, config, promserver, rules, simulate
+from exporter import catalog, config, rules
+from exporter.lab import promserver, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = config.load(ROOT / "config.yaml", environ={})

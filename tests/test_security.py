@@ -50,7 +50,7 @@ from fakes import (
 
 from exporter import config, web
 from exporter.config import Config
-from exporter.promserver import free_port, wait_for
+from exporter.lab.promserver import free_port, wait_for
 from exporter.service import QUIET_LOGGERS, Service
 from exporter.upstream import PrometheusClient, UpstreamError
 from exporter.web import bcrypt_hash, hash_password, verify_password

@@ -25,8 +25,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import simulate
-from exporter.simulate import Faults, Fleet, FleetSpec
+from exporter.lab import simulate
+from exporter.lab.simulate import Faults, Fleet, FleetSpec
 
 START = 1_700_000_000.0
 Key = tuple[str, tuple[tuple[str, str], ...]]

@@ -60,8 +60,9 @@ from figures import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import catalog, config, promserver, rules
-from exporter.process import ManagedProcess, free_port
+from exporter import catalog, config, rules
+from exporter.lab import promserver
+from exporter.lab.process import ManagedProcess, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.triton]
 

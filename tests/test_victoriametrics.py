@@ -56,9 +56,10 @@ from vmharness import (
     wait_for,
 )
 
-from exporter import catalog, config, promserver, rules, simulate, upstream
+from exporter import catalog, config, rules, upstream
 from exporter.catalog import Selectors
 from exporter.config import Config, format_duration
+from exporter.lab import promserver, simulate
 
 pytestmark = pytest.mark.integration
 

@@ -1,13 +1,13 @@
 """Test-only helpers: VictoriaMetrics, vmalert and vmauth as processes on 127.0.0.1.
 
 The binaries come from Debian's ``victoria-metrics`` package (1.79.5 on Debian 12), fetched once
-into the project's cache with ``exporter.promserver.find_binary`` (``apt-get download`` +
+into the project's cache with ``exporter.lab.promserver.find_binary`` (``apt-get download`` +
 ``dpkg -x``; no service is installed). They are always taken from that package, never from PATH:
 the flags and query semantics the tests rely on are those of that version.
 
-Every process is an ``exporter.process.ManagedProcess``: it runs in its own process group, logs to
-a file in its work folder and is stopped by its own PID (SIGTERM, then SIGKILL). The fixtures
-that create them stop them.
+Every process is an ``exporter.lab.process.ManagedProcess``: it runs in its own process group,
+logs to a file in its work folder and is stopped by its own PID (SIGTERM, then SIGKILL). The
+fixtures that create them stop them.
 
 Two small in-process helpers complete a "Mimir-like" endpoint and a notifier:
 
@@ -33,8 +33,8 @@ from typing import Any, Self
 
 import requests
 
-from exporter.process import ManagedProcess, ProcessStartError, write_yaml
-from exporter.promserver import find_binary, wait_for
+from exporter.lab.process import ManagedProcess, ProcessStartError, write_yaml
+from exporter.lab.promserver import find_binary, wait_for
 
 PACKAGE = "victoria-metrics"
 HOST = "127.0.0.1"

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter import amserver, config, promserver, rules, simulate
+from exporter import config, rules
 from exporter.config import format_duration, parse_duration
+from exporter.lab import amserver, promserver, simulate
 from exporter.service import Service, wait_for_signal
 
 #: ``rules:`` settings of the demo: ``for:`` durations short enough to watch an alert fire.

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import requests
 
 # free_port is re-exported: callers import it from here.
-from exporter.process import ConfiguredServer, ProcessStartError, free_port
+from exporter.lab.process import ConfiguredServer, ProcessStartError, free_port
 
 __all__ = [
     "BackfillError",

@@ -2,7 +2,7 @@
 
 The binaries come from PATH when present, else from Debian's ``prometheus-alertmanager`` package
 unpacked into the project's cache folder (``apt-get download`` + ``dpkg -x``, as
-:mod:`exporter.promserver` does for Prometheus; no service is installed or started).
+:mod:`exporter.lab.promserver` does for Prometheus; no service is installed or started).
 
 Debian's build of Alertmanager 0.25 reads its notification templates at run time from
 ``/usr/share/prometheus/alertmanager/`` (``default.tmpl`` and ``email.tmpl``) and refuses every
@@ -32,8 +32,8 @@ from typing import Any, Self
 
 import requests
 
-from exporter import promserver
-from exporter.process import ConfiguredServer, ProcessStartError, url_host
+from exporter.lab import promserver
+from exporter.lab.process import ConfiguredServer, ProcessStartError, url_host
 from exporter.rules import ALERT_NAMES
 
 __all__ = [
