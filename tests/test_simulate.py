@@ -799,3 +799,70 @@ def test_cli_flags_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     config = yaml.safe_load(config_path.read_text())
     target = config["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target == f"127.0.0.1:{match.group(1)}"
+
+
+# --- real Triton's exposition -------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "triton"
+Shape = tuple[str, tuple[str, ...]]
+"""A sample's name suffix after its family name, and its label names in print order."""
+
+
+def triton_shapes(texts: list[str]) -> dict[str, tuple[str, str, set[Shape]]]:
+    """Per family: TYPE, HELP and the shapes of its samples, from text expositions."""
+    out: dict[str, tuple[str, str, set[Shape]]] = {}
+    helps: dict[str, str] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                name, _, help_text = line[7:].partition(" ")
+                helps[name] = help_text
+            elif line.startswith("# TYPE "):
+                family, kind = line[7:].split(" ")
+                out.setdefault(family, (kind, helps[family], set()))
+                assert out[family][:2] == (kind, helps[family]), family
+            elif line and not line.startswith("#"):
+                sample = re.fullmatch(r"(\w+)(?:\{(.*)\})? \S+", line)
+                assert sample and sample.group(1).startswith(family), line
+                names = tuple(re.findall(r'(\w+)="(?:[^"\\]|\\.)*"', sample.group(2) or ""))
+                out[family][2].add((sample.group(1)[len(family):], names))
+    return out
+
+
+def test_triton_families_print_like_real_triton_2_51(fleet: Fleet) -> None:
+    real = triton_shapes([(FIXTURES / name).read_text()
+                          for name in ("triton-2.51-default.prom",
+                                       "triton-2.51-cache-summaries.prom")])
+    texts = [fleet.triton_exposition(pod, in_epoch(fleet, k, 30))
+             for k in range(0, 40, 3) for pod in fleet.pods]
+    ours = triton_shapes(texts)
+    both = sorted(set(real) & set(ours))
+    # Everything but the histogram (opt-in, absent from both captures) and the families a
+    # CPU-only 2.51 does not print (GPU, energy; load time is 2.52).
+    assert set(ours) - set(real) == {
+        "nv_inference_first_response_histogram_ms", "nv_energy_consumption", "nv_gpu_utilization",
+        "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes", "nv_gpu_power_usage",
+        "nv_gpu_power_limit", "nv_model_load_duration_secs"}
+    assert len(both) == 26
+    for family in both:
+        kind, help_text, shapes = real[family]
+        assert ours[family][:2] == (kind, help_text), family
+        # Label names per sample, `pod` aside (real Triton never prints it; the scrape adds it).
+        mine = {(suffix, tuple(n for n in names if n != "pod"))
+                for suffix, names in ours[family][2]}
+        if shapes and mine:
+            assert mine == shapes, family
+    # The histogram as Triton documents it: model, version (and le on buckets).
+    assert ours["nv_inference_first_response_histogram_ms"][2] == {
+        ("_count", ("model", "version")), ("_sum", ("model", "version")),
+        ("_bucket", ("model", "version", "le"))}
+
+
+def test_no_triton_sample_carries_pod() -> None:
+    fleet = Fleet(FleetSpec(start=START), Faults(unlabeled_series=True))
+    for pod in fleet.pods:
+        text = fleet.triton_exposition(pod, in_epoch(fleet, 3, 30))
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                assert not re.search(r'[{,]pod="', line), line
