@@ -1021,6 +1021,13 @@ class Fleet:
             float(int(rx + 65536 * floor * 400)),
         )
 
+    def _pending(self, s: int, p: Pair, k: int) -> float:
+        """The pending-request gauge of pair p on server s in epoch k: requests/s times the mean
+        queue time (Little's law), in whole requests; constant within the epoch."""
+        dr = _derive(self._const[p], self._rates(s, p, k)[:_NPRIM])
+        queue_mean = dr.durations[1] / dr.misses if dr.misses > 0 else 0.0
+        return float(round(dr.success * queue_mean / 1e6))
+
     def _loaded(self, s: int, k: int) -> tuple[Pair, ...]:
         self._extend_server(s, k)
         return self._hist[s].loaded[k]
@@ -1156,9 +1163,7 @@ class Fleet:
                 add("nv_cache_hit_duration_per_model", mv, c.hit_us * d.hits)
                 add("nv_cache_num_misses_per_model", mv, d.misses)
                 add("nv_cache_miss_duration_per_model", mv, c.miss_us * d.misses)
-            queue_mean = dr.durations[1] / dr.misses if dr.misses > 0 else 0.0
-            add("nv_inference_pending_request_count", mv,
-                float(round(dr.success * queue_mean / 1e6)))
+            add("nv_inference_pending_request_count", mv, self._pending(s, p, k))
             add("nv_model_load_duration_secs", mv, c.load_secs)
             # Histogram and summary counts are whole numbers (OpenMetrics requires it);
             # flooring keeps them monotone and the buckets ordered by le.
@@ -1271,10 +1276,11 @@ class Fleet:
         gauges are constant: rates are then exactly (C(t) - C(t - window)) / window for counters
         that did not reset, and post-reset plus pre-reset gain for those that did. With
         ``strict=False`` a window spanning epochs is integrated epoch by epoch (a pair counts if
-        it had a series at any time in the window; DCGM averages are time-weighted), which is
-        what Prometheus approaches only with dense scrapes. The timed fault switches count with
-        their state at t (flip them outside the window); restarts as they happened;
-        ``failing`` and ``slow_seconds`` do not change it.
+        it had a series at any time in the window; DCGM and pending-count averages are
+        time-weighted over the time the series existed), which is what Prometheus approaches
+        only with dense scrapes. The timed fault switches count with their state at t (flip
+        them outside the window); restarts as they happened; ``failing`` and ``slow_seconds``
+        do not change it.
         """
         if not (math.isfinite(window) and window > 0):
             raise ValueError(f"window must be a positive number of seconds, got {window}")
@@ -1298,6 +1304,8 @@ class Fleet:
                 for k in range(k0, k1 + 1)
             ]
             increases: dict[tuple[int, Pair], list[float]] = {}
+            # Pending-request gauge per pair: [value x seconds, seconds, last value].
+            gauges: dict[tuple[int, Pair], list[float]] = {}
             for s in range(self.spec.servers):
                 for k, a, b in spans:
                     for p in self._hist[s].loaded[k]:
@@ -1305,17 +1313,24 @@ class Fleet:
                         rates = self._rates(s, p, k)
                         for i in range(_NPRIM):
                             acc[i] += rates[i] * (b - a)
+                        value = self._pending(s, p, k)
+                        gauge = gauges.setdefault((s, p), [0.0, 0.0, 0.0])
+                        gauge[0] += value * (b - a)
+                        gauge[1] += b - a
+                        gauge[2] = value
+            pending = {key: (g[0] / g[1] if g[1] > 0 else g[2]) for key, g in gauges.items()}
             slice_values = {
                 sl.index: [(self._slice_values(sl, k), b - a) for k, a, b in spans]
                 for sl in self.slices if sl.triton
             }
-        return self._assemble_truth(t, window, increases, slice_values)
+        return self._assemble_truth(t, window, increases, pending, slice_values)
 
     def _assemble_truth(
         self,
         t: float,
         window: float,
         increases: Mapping[tuple[int, Pair], Sequence[float]],
+        pending: Mapping[tuple[int, Pair], float],
         slice_values: Mapping[int, Sequence[tuple[tuple[float, ...], float]]],
     ) -> Truth:
         out: Truth = {}
@@ -1330,23 +1345,30 @@ class Fleet:
 
         families = ("nv_inference_count", "nv_inference_request_success",
                     "nv_inference_request_failure")
-        # per level: [count, success, failure, exec, hits, *durations]
+        # per level: [count, success, failure, exec, hits, *durations, *failures by reason]
         by_mv: dict[Labels, list[float]] = {}
         by_pod: dict[Labels, list[float]] = {}
-        fleet: list[float] = [0.0] * (5 + len(PHASES))
+        fleet: list[float] = [0.0] * (5 + len(PHASES) + len(REASONS))
         servers_active: dict[Labels, int] = {}
         models_active: dict[Labels, int] = {}
         cached: set[Labels] = set()
+        queue = "nv_inference_pending_request_count"
+        queued_mv: dict[Labels, float] = {}
+        queued_pod: dict[Labels, float] = {}
         for (s, p), inc in sorted(increases.items()):
             c = self._const[p]
             d = _derive(c, inc)
             pod = self.pods[s]
-            row = [d.inferences, d.success, sum(d.failures), d.executions, d.hits, *d.durations]
+            row = [d.inferences, d.success, sum(d.failures), d.executions, d.hits, *d.durations,
+                   *d.failures]
             mv = _key(model=c.model, version=c.version)
             pk = _key(pod=pod)
+            mvp = _key(model=c.model, version=c.version, pod=pod)
             for fam, value in zip(families, row[:3], strict=True):
-                put(f"model_version_pod:{fam}:rate",
-                    _key(model=c.model, version=c.version, pod=pod), value / window)
+                put(f"model_version_pod:{fam}:rate", mvp, value / window)
+            put(f"model_version_pod:{queue}:avg", mvp, pending[(s, p)])
+            queued_mv[mv] = queued_mv.get(mv, 0.0) + pending[(s, p)]
+            queued_pod[pk] = queued_pod.get(pk, 0.0) + pending[(s, p)]
             bump(by_mv, mv, row)
             bump(by_pod, pk, row)
             for i, v in enumerate(row):
@@ -1362,19 +1384,36 @@ class Fleet:
                     put(f"{level}:{fam}:rate", key, value / window)
         for fam, value in zip(families, fleet[:3], strict=True):
             put(f":{fam}:rate", (), value / window)
+
+        def per_request(prefix: str, key: Labels, row: Sequence[float]) -> None:
+            """Executed rate, phase means and failures by reason of one row."""
+            success, hits = row[1], row[4]
+            executed = success - hits  # cache hits skip the compute phases
+            put(f"{prefix}:triton_requests_executed:rate", key, executed / window)
+            durations = row[5:5 + len(PHASES)]
+            for phase, total in zip(PHASES, durations, strict=True):
+                per = success if phase in ("request", "queue") else executed
+                if per > 0:
+                    put(f"{prefix}:nv_inference_{phase}_duration:mean_seconds", key,
+                        total / per / 1e6)
+            for reason, value in zip(REASONS, row[5 + len(PHASES):], strict=True):
+                put(f"{prefix}_reason:nv_inference_request_failure:rate" if prefix
+                    else "reason:nv_inference_request_failure:rate",
+                    _key(**dict(key), reason=reason), value / window)
+
         for key, row in by_mv.items():
             count, success, _, execs, hits = row[:5]
             if execs > 0:
                 put("model_version:nv_inference_batch_size:mean", key, count / execs)
             if key in cached and success > 0:
                 put("model_version:nv_cache_hit:ratio", key, hits / success)
-            if success > 0:
-                for phase, total in zip(PHASES, row[5:], strict=True):
-                    put(f"model_version:nv_inference_{phase}_duration:mean_seconds", key,
-                        total / success / 1e6)
-        if fleet[1] > 0:
-            for phase, total in zip(PHASES, fleet[5:], strict=True):
-                put(f":nv_inference_{phase}_duration:mean_seconds", (), total / fleet[1] / 1e6)
+            per_request("model_version", key, row)
+            put(f"model_version:{queue}:avg", key, queued_mv[key])
+        for key, value in queued_pod.items():
+            put(f"pod:{queue}:avg", key, value)
+        if increases:
+            per_request("", (), fleet)
+            put(f":{queue}:avg", (), sum(queued_pod.values()))
         # What a naive sum(rate(nv_inference_count[W])) sees.
         raw = fleet[0] / window
         if self.faults.switch_at("unlabeled_series", t):

@@ -866,3 +866,128 @@ def test_no_triton_sample_carries_pod() -> None:
         for line in text.splitlines():
             if not line.startswith("#"):
                 assert not re.search(r'[{,]pod="', line), line
+
+
+# --- truth: executed requests, failure reasons, queue depth -------------------------------------
+
+
+def window_counters(fleet: Fleet, t1: float, t2: float,
+                    families: tuple[str, ...]) -> dict[tuple[str, str], dict[str, float]]:
+    """Increase of each family over (t1, t2], summed over servers (and reasons), by model
+    version; families a pair does not print count 0."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for pod in fleet.pods:
+        a = parse(fleet.triton_exposition(pod, t1))
+        b = parse(fleet.triton_exposition(pod, t2))
+        for pair in counter_sums(b, "nv_inference_request_success"):
+            row = out.setdefault(pair, dict.fromkeys(families, 0.0))
+            for family in families:
+                after = counter_sums(b, family)
+                if pair in after:
+                    row[family] += after[pair] - counter_sums(a, family)[pair]
+    return out
+
+
+def test_truth_compute_means_are_per_executed_request(fleet: Fleet) -> None:
+    """Triton's compute durations leave cache hits out: their means are per executed request
+    (successes - cache hits); the request and queue means stay per successful request."""
+    durations = tuple(f"nv_inference_{phase}_duration_us" for phase in simulate.PHASES)
+    families = ("nv_inference_request_success", "nv_cache_num_hits_per_model", *durations)
+    saw_hits = False
+    for k in (4, 9, 26, 33, 47):
+        t1, t2 = in_epoch(fleet, k, 15), in_epoch(fleet, k, 55)
+        truth = fleet.truth(t2, 40)
+        rows = window_counters(fleet, t1, t2, families)
+        total = dict.fromkeys(families, 0.0)
+        executed_rates: dict[tuple[tuple[str, str], ...], float] = {}
+        for (model, version), row in rows.items():
+            mv = (("model", model), ("version", version))
+            success = row["nv_inference_request_success"]
+            executed = success - row["nv_cache_num_hits_per_model"]
+            saw_hits |= row["nv_cache_num_hits_per_model"] > 0 and executed > 0
+            executed_rates[mv] = executed / 40
+            for phase, family in zip(simulate.PHASES, durations, strict=True):
+                means = truth.get(f"model_version:nv_inference_{phase}_duration:mean_seconds", {})
+                per = success if phase in ("request", "queue") else executed
+                if per > 0:
+                    assert close(means[mv], row[family] / per / 1e6), (phase, mv)
+                else:
+                    assert mv not in means, (phase, mv)
+            for family in families:
+                total[family] += row[family]
+        success = total["nv_inference_request_success"]
+        executed = success - total["nv_cache_num_hits_per_model"]
+        for phase, family in zip(simulate.PHASES, durations, strict=True):
+            per = success if phase in ("request", "queue") else executed
+            assert close(truth[f":nv_inference_{phase}_duration:mean_seconds"][()],
+                         total[family] / per / 1e6)
+        # The executed rate, wherever there is a success rate.
+        got = truth["model_version:triton_requests_executed:rate"]
+        assert got.keys() == truth["model_version:nv_inference_request_success:rate"].keys()
+        assert got.keys() == executed_rates.keys()
+        for mv, rate in executed_rates.items():
+            assert close(got[mv], rate), mv
+        assert close(truth[":triton_requests_executed:rate"][()], executed / 40)
+    assert saw_hits, "the cache model should serve cache hits in one of these epochs"
+
+
+def test_truth_failures_per_reason(fleet: Fleet) -> None:
+    saw_zero = saw_failure = False
+    for k in (4, 26, 47):
+        t1, t2 = in_epoch(fleet, k, 15), in_epoch(fleet, k, 55)
+        truth = fleet.truth(t2, 40)
+        expected: dict[tuple[tuple[str, str], ...], float] = {}
+        for pod in fleet.pods:
+            a = parse(fleet.triton_exposition(pod, t1))
+            for (name, labels), value in parse(fleet.triton_exposition(pod, t2)).items():
+                if name == "nv_inference_request_failure":
+                    expected[labels] = expected.get(labels, 0.0) + (value - a[(name, labels)]) / 40
+        got = truth["model_version_reason:nv_inference_request_failure:rate"]
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert close(got[key], value), key
+        # Every model version has a row per reason, zero or not (Triton prints all four).
+        for mv in truth["model_version:nv_inference_request_success:rate"]:
+            rows = {dict(key)["reason"]: v for key, v in got.items()
+                    if (("model", dict(key)["model"]), ("version", dict(key)["version"])) == mv}
+            assert set(rows) == set(simulate.REASONS)
+            assert close(sum(rows.values()),
+                         truth["model_version:nv_inference_request_failure:rate"][mv])
+        by_reason = truth["reason:nv_inference_request_failure:rate"]
+        assert set(by_reason) == {(("reason", r),) for r in simulate.REASONS}
+        for key, value in by_reason.items():
+            reason = dict(key)["reason"]
+            assert close(value, sum(v for g, v in got.items() if dict(g)["reason"] == reason))
+        assert close(sum(by_reason.values()), truth[":nv_inference_request_failure:rate"][()])
+        saw_zero |= any(v == 0 for v in got.values())
+        saw_failure |= any(v > 0 for v in got.values())
+    assert saw_zero and saw_failure
+
+
+def test_truth_pending_request_count_is_the_gauge_averaged(fleet: Fleet) -> None:
+    name = "nv_inference_pending_request_count"
+    saw_queue = False
+    for k in (4, 9, 26, 33, 47):
+        truth = fleet.truth(in_epoch(fleet, k, 55), 40)
+        expected: dict[tuple[tuple[str, str], ...], float] = {}
+        for pod in fleet.pods:
+            gauges = [counter_sums(parse(fleet.triton_exposition(pod, in_epoch(fleet, k, off))),
+                                   name) for off in (15.5, 30, 55)]
+            # Constant within an epoch: its average over a window inside one is that value.
+            assert gauges[0] == gauges[1] == gauges[2]
+            for (model, version), value in gauges[0].items():
+                expected[(("model", model), ("pod", pod), ("version", version))] = value
+        got = truth[f"model_version_pod:{name}:avg"]
+        assert got == expected
+        by_mv: dict[tuple[tuple[str, str], ...], float] = {}
+        by_pod: dict[tuple[tuple[str, str], ...], float] = {}
+        for key, value in expected.items():
+            d = dict(key)
+            mv = (("model", d["model"]), ("version", d["version"]))
+            by_mv[mv] = by_mv.get(mv, 0.0) + value
+            by_pod[(("pod", d["pod"]),)] = by_pod.get((("pod", d["pod"]),), 0.0) + value
+        assert truth[f"model_version:{name}:avg"] == by_mv
+        assert truth[f"pod:{name}:avg"] == by_pod
+        assert truth[f":{name}:avg"] == {(): sum(expected.values())}
+        saw_queue |= any(v > 0 for v in expected.values())
+    assert saw_queue
