@@ -7,6 +7,7 @@ not against the simulator's own internals, so a wrong model or a wrong truth bot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -991,3 +992,154 @@ def test_truth_pending_request_count_is_the_gauge_averaged(fleet: Fleet) -> None
         assert truth[f":{name}:avg"] == {(): sum(expected.values())}
         saw_queue |= any(v > 0 for v in expected.values())
     assert saw_queue
+
+
+# --- source shapes: plain scrapes, shared slices, label drift -----------------------------------
+
+
+def test_plain_scrape_mode_names_servers_by_instance(tmp_path: Path) -> None:
+    kube = Fleet(FleetSpec(start=START))
+    fleet = Fleet(FleetSpec(start=START, scrape_labels="plain"))
+    assert kube.server_ids == kube.pods
+    assert fleet.pods == kube.pods
+    jobs = {job["job_name"]: job
+            for job in fleet.prometheus_config("127.0.0.1:9999", 5)["scrape_configs"]}
+    kube_jobs = {job["job_name"]: job
+                 for job in kube.prometheus_config("127.0.0.1:9999", 5)["scrape_configs"]}
+    for name in ("triton", "triton-replica-1"):
+        targets = [sc["labels"] for sc in jobs[name]["static_configs"]]
+        # A static_configs scrape: instance (and the replica's labels), no Kubernetes labels.
+        assert all(not {"pod", "namespace", "container"} & set(labels) for labels in targets)
+        assert [labels["instance"] for labels in targets] == fleet.server_ids
+    assert len(set(fleet.server_ids)) == len(fleet.pods)
+    assert not set(fleet.server_ids) & set(fleet.pods)
+    assert jobs["dcgm"] == kube_jobs["dcgm"]
+    assert jobs["dcgm-replica-1"] == kube_jobs["dcgm-replica-1"]
+    # Truth keys a server's Triton figures by its instance; everything else is unchanged.
+    t = in_epoch(fleet, 9, 55)
+    got, want = fleet.truth(t, 40), kube.truth(t, 40)
+    rename = dict(zip(kube.pods, fleet.server_ids, strict=True))
+    assert got.keys() == want.keys()
+    for name, rows in want.items():
+        if name.startswith(("model_version_pod:", "pod:")):
+            rows = {tuple(sorted((k, rename[v] if k == "pod" else v) for k, v in key)): value
+                    for key, value in rows.items()}
+        assert got[name] == rows, name
+    # The backfill labels Triton samples the same way.
+    path = tmp_path / "plain.om"
+    fleet.write_openmetrics(path, START + 30, START + 60, 15)
+    lines = [line for line in path.read_text().splitlines()
+             if line.startswith("nv_inference_count{")]
+    assert lines and not [line for line in lines if re.search(r"[{,]pod=", line)]
+    assert {re.search(r'instance="([^"]+)"', line).group(1)  # type: ignore[union-attr]
+            for line in lines} == set(fleet.server_ids)
+
+
+def _slice_key(sl: simulate.MigSlice) -> tuple[str, int, int]:
+    return sl.host, sl.gpu, sl.gi_id
+
+
+def test_shared_slice_is_a_row_per_pod_and_counted_once() -> None:
+    fleet = Fleet(FleetSpec(start=START, shared_slices=1))
+    plain = Fleet(FleetSpec(start=START))
+    rows = [sl for sl in fleet.slices if sl.triton]
+    assert sorted(sl.pod for sl in rows if sl.pod) == sorted(fleet.pods)
+    physical = {_slice_key(sl) for sl in rows}
+    assert len(rows) == 6 and len(physical) == 5
+    a, b = (sl for sl in rows if sum(_slice_key(o) == _slice_key(sl) for o in rows) == 2)
+    assert a.identity() != b.identity()
+    # The two servers share the slice's time: each runs at half the rate it would alone.
+    t = in_epoch(fleet, 9, 55)
+    success = fleet.truth(t, 40)["pod:nv_inference_request_success:rate"]
+    alone = plain.truth(t, 40)["pod:nv_inference_request_success:rate"]
+    for pod in fleet.pods:
+        share = 0.5 if pod in (a.pod, b.pod) else 1.0
+        assert close(success[(("pod", pod),)], share * alone[(("pod", pod),)])
+    # dcgm-exporter prints the slice once per pod, identical but for the pod label; the
+    # slice's activity is driven by both servers.
+    driven = set()
+    for k in range(1, 200):
+        t = in_epoch(fleet, k, 50)
+        shared_lines: dict[str, list[str]] = {}
+        for line in fleet.dcgm_exposition(a.host, t).splitlines():
+            if (f'gpu="{a.gpu}",' in line and f'GPU_I_ID="{a.gi_id}",' in line
+                    and not line.startswith("#")):
+                pod = re.search(r',pod="([^"]+)"', line).group(1)  # type: ignore[union-attr]
+                shared_lines.setdefault(pod, []).append(line.replace(f'pod="{pod}"', 'pod=""'))
+        assert set(shared_lines) == {a.pod, b.pod}
+        assert shared_lines[a.pod] == shared_lines[b.pod]
+        assert len(shared_lines[a.pod]) == len(simulate.DCGM_FAMILIES)
+        truth = fleet.truth(t, 45)
+        tensors = truth["gpu_instance:dcgm_tensor_active:avg"]
+        assert len(tensors) == 6
+        assert tensors[a.identity()] == tensors[b.identity()]
+        once = {_slice_key(sl): sl for sl in rows}.values()
+        for series, total in (("gpu_instance:dcgm_tensor_active:avg", ":dcgm_tensor_active:sum"),
+                              ("gpu_instance:dcgm_dram_active:avg", ":dcgm_dram_active:sum")):
+            assert close(truth[total][()], sum(truth[series][sl.identity()] for sl in once))
+        assert close(truth[":dcgm_tensor_active:gpu_equivalents"][()],
+                     sum(tensors[sl.identity()] * sl.size / 7 for sl in once))
+        assert truth[":dcgm_mig_slices_idle:count"][()] == sum(
+            1 for sl in once if tensors[sl.identity()] < 0.01)
+        rates = truth["pod:nv_inference_request_success:rate"]
+        busy = {pod for pod in (a.pod, b.pod) if rates[(("pod", pod),)] > 0}
+        if len(busy) == 1 and tensors[a.identity()] >= 0.01:
+            driven |= busy
+        if driven == {a.pod, b.pod} and k > 20:
+            break
+    assert driven == {a.pod, b.pod}, "each server alone keeps the shared slice busy sometimes"
+
+
+def test_spec_counts_shared_slices_as_room_for_two() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        FleetSpec(servers=5, hosts=1, gpus_per_host=1)
+    assert len(Fleet(FleetSpec(servers=5, hosts=1, gpus_per_host=1, shared_slices=1)).pods) == 5
+    with pytest.raises(ValueError, match="shared_slices"):
+        FleetSpec(servers=3, shared_slices=2)
+    with pytest.raises(ValueError, match="scrape_labels"):
+        FleetSpec(scrape_labels="consul")
+    with pytest.raises(ValueError, match="host_label"):
+        FleetSpec(host_label="node")
+
+
+def test_dcgm_label_drift_hostname_and_7g_profile() -> None:
+    spec = FleetSpec(start=START, servers=3, layout="all-7g.80gb")
+    drifted = Fleet(dataclasses.replace(spec, host_label="hostname", profile_drift=True))
+    steady = Fleet(spec)
+    k = next(k for k in range(1, 100)
+             if steady.truth(in_epoch(steady, k, 50), 45)[
+                 ":dcgm_tensor_active:gpu_equivalents"][()] > 0.05)
+    t = in_epoch(steady, k, 50)
+    for host in drifted.hosts:
+        text = drifted.dcgm_exposition(host, t)
+        before = steady.dcgm_exposition(host, t)
+        assert f'hostname="{host}"' in text and "Hostname=" not in text
+        assert set(re.findall(r'GPU_I_PROFILE="([^"]+)"', text)) == {"7g.79gb"}
+        assert set(re.findall(r'GPU_I_PROFILE="([^"]+)"', before)) == {"7g.80gb"}
+        assert text == before.replace("Hostname=", "hostname=").replace("7g.80gb", "7g.79gb")
+        # MIG rows carry the parent GPU's UUID: one per GPU, not per instance.
+        uuids: dict[str, set[str]] = {}
+        for gpu, uuid in re.findall(r'gpu="(\d+)",UUID="([^"]+)"', text):
+            uuids.setdefault(gpu, set()).add(uuid)
+        assert all(len(u) == 1 and next(iter(u)).startswith("GPU-") for u in uuids.values())
+        assert re.search(r'GPU_I_PROFILE="7g\.79gb",GPU_I_ID="0",hostname=', text)
+    truth, want = drifted.truth(t, 45), steady.truth(t, 45)
+    tensors = truth["gpu_instance:dcgm_tensor_active:avg"]
+    assert {dict(key)["GPU_I_PROFILE"] for key in tensors} == {"7g.79gb"}
+    # A 7g slice is the whole GPU whatever the name says.
+    assert close(truth[":dcgm_tensor_active:gpu_equivalents"][()], sum(tensors.values()))
+    assert truth[":dcgm_tensor_active:gpu_equivalents"] == want[
+        ":dcgm_tensor_active:gpu_equivalents"]
+
+
+def test_cli_flags_for_source_shapes() -> None:
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    spec, _ = simulate.spec_from_args(parser.parse_args([
+        "--servers", "3", "--start", "0", "--layout", "all-7g.80gb", "--scrape-labels", "plain",
+        "--shared-slices", "1", "--host-label", "hostname", "--profile-drift"]))
+    assert (spec.scrape_labels, spec.shared_slices, spec.host_label, spec.profile_drift,
+            spec.layout) == ("plain", 1, "hostname", True, "all-7g.80gb")
+    default, _ = simulate.spec_from_args(parser.parse_args(["--start", "0"]))
+    assert (default.scrape_labels, default.shared_slices, default.host_label,
+            default.profile_drift) == ("kubernetes", 0, "Hostname", False)
