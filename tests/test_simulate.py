@@ -7,6 +7,7 @@ not against the simulator's own internals, so a wrong model or a wrong truth bot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -799,3 +800,346 @@ def test_cli_flags_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     config = yaml.safe_load(config_path.read_text())
     target = config["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target == f"127.0.0.1:{match.group(1)}"
+
+
+# --- real Triton's exposition -------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "triton"
+Shape = tuple[str, tuple[str, ...]]
+"""A sample's name suffix after its family name, and its label names in print order."""
+
+
+def triton_shapes(texts: list[str]) -> dict[str, tuple[str, str, set[Shape]]]:
+    """Per family: TYPE, HELP and the shapes of its samples, from text expositions."""
+    out: dict[str, tuple[str, str, set[Shape]]] = {}
+    helps: dict[str, str] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                name, _, help_text = line[7:].partition(" ")
+                helps[name] = help_text
+            elif line.startswith("# TYPE "):
+                family, kind = line[7:].split(" ")
+                out.setdefault(family, (kind, helps[family], set()))
+                assert out[family][:2] == (kind, helps[family]), family
+            elif line and not line.startswith("#"):
+                sample = re.fullmatch(r"(\w+)(?:\{(.*)\})? \S+", line)
+                assert sample and sample.group(1).startswith(family), line
+                names = tuple(re.findall(r'(\w+)="(?:[^"\\]|\\.)*"', sample.group(2) or ""))
+                out[family][2].add((sample.group(1)[len(family):], names))
+    return out
+
+
+def test_triton_families_print_like_real_triton_2_51(fleet: Fleet) -> None:
+    real = triton_shapes([(FIXTURES / name).read_text()
+                          for name in ("triton-2.51-default.prom",
+                                       "triton-2.51-cache-summaries.prom")])
+    texts = [fleet.triton_exposition(pod, in_epoch(fleet, k, 30))
+             for k in range(0, 40, 3) for pod in fleet.pods]
+    ours = triton_shapes(texts)
+    both = sorted(set(real) & set(ours))
+    # Everything but the histogram (opt-in, absent from both captures) and the families a
+    # CPU-only 2.51 does not print (GPU, energy; load time is 2.52).
+    assert set(ours) - set(real) == {
+        "nv_inference_first_response_histogram_ms", "nv_energy_consumption", "nv_gpu_utilization",
+        "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes", "nv_gpu_power_usage",
+        "nv_gpu_power_limit", "nv_model_load_duration_secs"}
+    assert len(both) == 26
+    for family in both:
+        kind, help_text, shapes = real[family]
+        assert ours[family][:2] == (kind, help_text), family
+        # Label names per sample, `pod` aside (real Triton never prints it; the scrape adds it).
+        mine = {(suffix, tuple(n for n in names if n != "pod"))
+                for suffix, names in ours[family][2]}
+        if shapes and mine:
+            assert mine == shapes, family
+    # The histogram as Triton documents it: model, version (and le on buckets).
+    assert ours["nv_inference_first_response_histogram_ms"][2] == {
+        ("_count", ("model", "version")), ("_sum", ("model", "version")),
+        ("_bucket", ("model", "version", "le"))}
+
+
+def test_no_triton_sample_carries_pod() -> None:
+    fleet = Fleet(FleetSpec(start=START), Faults(unlabeled_series=True))
+    for pod in fleet.pods:
+        text = fleet.triton_exposition(pod, in_epoch(fleet, 3, 30))
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                assert not re.search(r'[{,]pod="', line), line
+
+
+# --- truth: executed requests, failure reasons, queue depth -------------------------------------
+
+
+def window_counters(fleet: Fleet, t1: float, t2: float,
+                    families: tuple[str, ...]) -> dict[tuple[str, str], dict[str, float]]:
+    """Increase of each family over (t1, t2], summed over servers (and reasons), by model
+    version; families a pair does not print count 0."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for pod in fleet.pods:
+        a = parse(fleet.triton_exposition(pod, t1))
+        b = parse(fleet.triton_exposition(pod, t2))
+        for pair in counter_sums(b, "nv_inference_request_success"):
+            row = out.setdefault(pair, dict.fromkeys(families, 0.0))
+            for family in families:
+                after = counter_sums(b, family)
+                if pair in after:
+                    row[family] += after[pair] - counter_sums(a, family)[pair]
+    return out
+
+
+def test_truth_compute_means_are_per_executed_request(fleet: Fleet) -> None:
+    """Triton's compute durations leave cache hits out: their means are per executed request
+    (successes - cache hits); the request and queue means stay per successful request."""
+    durations = tuple(f"nv_inference_{phase}_duration_us" for phase in simulate.PHASES)
+    families = ("nv_inference_request_success", "nv_cache_num_hits_per_model", *durations)
+    saw_hits = False
+    for k in (4, 9, 26, 33, 47):
+        t1, t2 = in_epoch(fleet, k, 15), in_epoch(fleet, k, 55)
+        truth = fleet.truth(t2, 40)
+        rows = window_counters(fleet, t1, t2, families)
+        total = dict.fromkeys(families, 0.0)
+        executed_rates: dict[tuple[tuple[str, str], ...], float] = {}
+        for (model, version), row in rows.items():
+            mv = (("model", model), ("version", version))
+            success = row["nv_inference_request_success"]
+            executed = success - row["nv_cache_num_hits_per_model"]
+            saw_hits |= row["nv_cache_num_hits_per_model"] > 0 and executed > 0
+            executed_rates[mv] = executed / 40
+            for phase, family in zip(simulate.PHASES, durations, strict=True):
+                means = truth.get(f"model_version:nv_inference_{phase}_duration:mean_seconds", {})
+                per = success if phase in ("request", "queue") else executed
+                if per > 0:
+                    assert close(means[mv], row[family] / per / 1e6), (phase, mv)
+                else:
+                    assert mv not in means, (phase, mv)
+            for family in families:
+                total[family] += row[family]
+        success = total["nv_inference_request_success"]
+        executed = success - total["nv_cache_num_hits_per_model"]
+        for phase, family in zip(simulate.PHASES, durations, strict=True):
+            per = success if phase in ("request", "queue") else executed
+            assert close(truth[f":nv_inference_{phase}_duration:mean_seconds"][()],
+                         total[family] / per / 1e6)
+        # The executed rate, wherever there is a success rate.
+        got = truth["model_version:triton_requests_executed:rate"]
+        assert got.keys() == truth["model_version:nv_inference_request_success:rate"].keys()
+        assert got.keys() == executed_rates.keys()
+        for mv, rate in executed_rates.items():
+            assert close(got[mv], rate), mv
+        assert close(truth[":triton_requests_executed:rate"][()], executed / 40)
+    assert saw_hits, "the cache model should serve cache hits in one of these epochs"
+
+
+def test_truth_failures_per_reason(fleet: Fleet) -> None:
+    saw_zero = saw_failure = False
+    for k in (4, 26, 47):
+        t1, t2 = in_epoch(fleet, k, 15), in_epoch(fleet, k, 55)
+        truth = fleet.truth(t2, 40)
+        expected: dict[tuple[tuple[str, str], ...], float] = {}
+        for pod in fleet.pods:
+            a = parse(fleet.triton_exposition(pod, t1))
+            for (name, labels), value in parse(fleet.triton_exposition(pod, t2)).items():
+                if name == "nv_inference_request_failure":
+                    expected[labels] = expected.get(labels, 0.0) + (value - a[(name, labels)]) / 40
+        got = truth["model_version_reason:nv_inference_request_failure:rate"]
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert close(got[key], value), key
+        # Every model version has a row per reason, zero or not (Triton prints all four).
+        for mv in truth["model_version:nv_inference_request_success:rate"]:
+            rows = {dict(key)["reason"]: v for key, v in got.items()
+                    if (("model", dict(key)["model"]), ("version", dict(key)["version"])) == mv}
+            assert set(rows) == set(simulate.REASONS)
+            assert close(sum(rows.values()),
+                         truth["model_version:nv_inference_request_failure:rate"][mv])
+        by_reason = truth["reason:nv_inference_request_failure:rate"]
+        assert set(by_reason) == {(("reason", r),) for r in simulate.REASONS}
+        for key, value in by_reason.items():
+            reason = dict(key)["reason"]
+            assert close(value, sum(v for g, v in got.items() if dict(g)["reason"] == reason))
+        assert close(sum(by_reason.values()), truth[":nv_inference_request_failure:rate"][()])
+        saw_zero |= any(v == 0 for v in got.values())
+        saw_failure |= any(v > 0 for v in got.values())
+    assert saw_zero and saw_failure
+
+
+def test_truth_pending_request_count_is_the_gauge_averaged(fleet: Fleet) -> None:
+    name = "nv_inference_pending_request_count"
+    saw_queue = False
+    for k in (4, 9, 26, 33, 47):
+        truth = fleet.truth(in_epoch(fleet, k, 55), 40)
+        expected: dict[tuple[tuple[str, str], ...], float] = {}
+        for pod in fleet.pods:
+            gauges = [counter_sums(parse(fleet.triton_exposition(pod, in_epoch(fleet, k, off))),
+                                   name) for off in (15.5, 30, 55)]
+            # Constant within an epoch: its average over a window inside one is that value.
+            assert gauges[0] == gauges[1] == gauges[2]
+            for (model, version), value in gauges[0].items():
+                expected[(("model", model), ("pod", pod), ("version", version))] = value
+        got = truth[f"model_version_pod:{name}:avg"]
+        assert got == expected
+        by_mv: dict[tuple[tuple[str, str], ...], float] = {}
+        by_pod: dict[tuple[tuple[str, str], ...], float] = {}
+        for key, value in expected.items():
+            d = dict(key)
+            mv = (("model", d["model"]), ("version", d["version"]))
+            by_mv[mv] = by_mv.get(mv, 0.0) + value
+            by_pod[(("pod", d["pod"]),)] = by_pod.get((("pod", d["pod"]),), 0.0) + value
+        assert truth[f"model_version:{name}:avg"] == by_mv
+        assert truth[f"pod:{name}:avg"] == by_pod
+        assert truth[f":{name}:avg"] == {(): sum(expected.values())}
+        saw_queue |= any(v > 0 for v in expected.values())
+    assert saw_queue
+
+
+# --- source shapes: plain scrapes, shared slices, label drift -----------------------------------
+
+
+def test_plain_scrape_mode_names_servers_by_instance(tmp_path: Path) -> None:
+    kube = Fleet(FleetSpec(start=START))
+    fleet = Fleet(FleetSpec(start=START, scrape_labels="plain"))
+    assert kube.server_ids == kube.pods
+    assert fleet.pods == kube.pods
+    jobs = {job["job_name"]: job
+            for job in fleet.prometheus_config("127.0.0.1:9999", 5)["scrape_configs"]}
+    kube_jobs = {job["job_name"]: job
+                 for job in kube.prometheus_config("127.0.0.1:9999", 5)["scrape_configs"]}
+    for name in ("triton", "triton-replica-1"):
+        targets = [sc["labels"] for sc in jobs[name]["static_configs"]]
+        # A static_configs scrape: instance (and the replica's labels), no Kubernetes labels.
+        assert all(not {"pod", "namespace", "container"} & set(labels) for labels in targets)
+        assert [labels["instance"] for labels in targets] == fleet.server_ids
+    assert len(set(fleet.server_ids)) == len(fleet.pods)
+    assert not set(fleet.server_ids) & set(fleet.pods)
+    assert jobs["dcgm"] == kube_jobs["dcgm"]
+    assert jobs["dcgm-replica-1"] == kube_jobs["dcgm-replica-1"]
+    # Truth keys a server's Triton figures by its instance; everything else is unchanged.
+    t = in_epoch(fleet, 9, 55)
+    got, want = fleet.truth(t, 40), kube.truth(t, 40)
+    rename = dict(zip(kube.pods, fleet.server_ids, strict=True))
+    assert got.keys() == want.keys()
+    for name, rows in want.items():
+        if name.startswith(("model_version_pod:", "pod:")):
+            rows = {tuple(sorted((k, rename[v] if k == "pod" else v) for k, v in key)): value
+                    for key, value in rows.items()}
+        assert got[name] == rows, name
+    # The backfill labels Triton samples the same way.
+    path = tmp_path / "plain.om"
+    fleet.write_openmetrics(path, START + 30, START + 60, 15)
+    lines = [line for line in path.read_text().splitlines()
+             if line.startswith("nv_inference_count{")]
+    assert lines and not [line for line in lines if re.search(r"[{,]pod=", line)]
+    assert {re.search(r'instance="([^"]+)"', line).group(1)  # type: ignore[union-attr]
+            for line in lines} == set(fleet.server_ids)
+
+
+def _slice_key(sl: simulate.MigSlice) -> tuple[str, int, int]:
+    return sl.host, sl.gpu, sl.gi_id
+
+
+def test_shared_slice_is_a_row_per_pod_and_counted_once() -> None:
+    fleet = Fleet(FleetSpec(start=START, shared_slices=1))
+    plain = Fleet(FleetSpec(start=START))
+    rows = [sl for sl in fleet.slices if sl.triton]
+    assert sorted(sl.pod for sl in rows if sl.pod) == sorted(fleet.pods)
+    physical = {_slice_key(sl) for sl in rows}
+    assert len(rows) == 6 and len(physical) == 5
+    a, b = (sl for sl in rows if sum(_slice_key(o) == _slice_key(sl) for o in rows) == 2)
+    assert a.identity() != b.identity()
+    # The two servers share the slice's time: each runs at half the rate it would alone.
+    t = in_epoch(fleet, 9, 55)
+    success = fleet.truth(t, 40)["pod:nv_inference_request_success:rate"]
+    alone = plain.truth(t, 40)["pod:nv_inference_request_success:rate"]
+    for pod in fleet.pods:
+        share = 0.5 if pod in (a.pod, b.pod) else 1.0
+        assert close(success[(("pod", pod),)], share * alone[(("pod", pod),)])
+    # dcgm-exporter prints the slice once per pod, identical but for the pod label; the
+    # slice's activity is driven by both servers.
+    driven = set()
+    for k in range(1, 200):
+        t = in_epoch(fleet, k, 50)
+        shared_lines: dict[str, list[str]] = {}
+        for line in fleet.dcgm_exposition(a.host, t).splitlines():
+            if (f'gpu="{a.gpu}",' in line and f'GPU_I_ID="{a.gi_id}",' in line
+                    and not line.startswith("#")):
+                pod = re.search(r',pod="([^"]+)"', line).group(1)  # type: ignore[union-attr]
+                shared_lines.setdefault(pod, []).append(line.replace(f'pod="{pod}"', 'pod=""'))
+        assert set(shared_lines) == {a.pod, b.pod}
+        assert shared_lines[a.pod] == shared_lines[b.pod]
+        assert len(shared_lines[a.pod]) == len(simulate.DCGM_FAMILIES)
+        truth = fleet.truth(t, 45)
+        tensors = truth["gpu_instance:dcgm_tensor_active:avg"]
+        assert len(tensors) == 6
+        assert tensors[a.identity()] == tensors[b.identity()]
+        once = {_slice_key(sl): sl for sl in rows}.values()
+        for series, total in (("gpu_instance:dcgm_tensor_active:avg", ":dcgm_tensor_active:sum"),
+                              ("gpu_instance:dcgm_dram_active:avg", ":dcgm_dram_active:sum")):
+            assert close(truth[total][()], sum(truth[series][sl.identity()] for sl in once))
+        assert close(truth[":dcgm_tensor_active:gpu_equivalents"][()],
+                     sum(tensors[sl.identity()] * sl.size / 7 for sl in once))
+        assert truth[":dcgm_mig_slices_idle:count"][()] == sum(
+            1 for sl in once if tensors[sl.identity()] < 0.01)
+        rates = truth["pod:nv_inference_request_success:rate"]
+        busy = {pod for pod in (a.pod, b.pod) if rates[(("pod", pod),)] > 0}
+        if len(busy) == 1 and tensors[a.identity()] >= 0.01:
+            driven |= busy
+        if driven == {a.pod, b.pod} and k > 20:
+            break
+    assert driven == {a.pod, b.pod}, "each server alone keeps the shared slice busy sometimes"
+
+
+def test_spec_counts_shared_slices_as_room_for_two() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        FleetSpec(servers=5, hosts=1, gpus_per_host=1)
+    assert len(Fleet(FleetSpec(servers=5, hosts=1, gpus_per_host=1, shared_slices=1)).pods) == 5
+    with pytest.raises(ValueError, match="shared_slices"):
+        FleetSpec(servers=3, shared_slices=2)
+    with pytest.raises(ValueError, match="scrape_labels"):
+        FleetSpec(scrape_labels="consul")
+    with pytest.raises(ValueError, match="host_label"):
+        FleetSpec(host_label="node")
+
+
+def test_dcgm_label_drift_hostname_and_7g_profile() -> None:
+    spec = FleetSpec(start=START, servers=3, layout="all-7g.80gb")
+    drifted = Fleet(dataclasses.replace(spec, host_label="hostname", profile_drift=True))
+    steady = Fleet(spec)
+    k = next(k for k in range(1, 100)
+             if steady.truth(in_epoch(steady, k, 50), 45)[
+                 ":dcgm_tensor_active:gpu_equivalents"][()] > 0.05)
+    t = in_epoch(steady, k, 50)
+    for host in drifted.hosts:
+        text = drifted.dcgm_exposition(host, t)
+        before = steady.dcgm_exposition(host, t)
+        assert f'hostname="{host}"' in text and "Hostname=" not in text
+        assert set(re.findall(r'GPU_I_PROFILE="([^"]+)"', text)) == {"7g.79gb"}
+        assert set(re.findall(r'GPU_I_PROFILE="([^"]+)"', before)) == {"7g.80gb"}
+        assert text == before.replace("Hostname=", "hostname=").replace("7g.80gb", "7g.79gb")
+        # MIG rows carry the parent GPU's UUID: one per GPU, not per instance.
+        uuids: dict[str, set[str]] = {}
+        for gpu, uuid in re.findall(r'gpu="(\d+)",UUID="([^"]+)"', text):
+            uuids.setdefault(gpu, set()).add(uuid)
+        assert all(len(u) == 1 and next(iter(u)).startswith("GPU-") for u in uuids.values())
+        assert re.search(r'GPU_I_PROFILE="7g\.79gb",GPU_I_ID="0",hostname=', text)
+    truth, want = drifted.truth(t, 45), steady.truth(t, 45)
+    tensors = truth["gpu_instance:dcgm_tensor_active:avg"]
+    assert {dict(key)["GPU_I_PROFILE"] for key in tensors} == {"7g.79gb"}
+    # A 7g slice is the whole GPU whatever the name says.
+    assert close(truth[":dcgm_tensor_active:gpu_equivalents"][()], sum(tensors.values()))
+    assert truth[":dcgm_tensor_active:gpu_equivalents"] == want[
+        ":dcgm_tensor_active:gpu_equivalents"]
+
+
+def test_cli_flags_for_source_shapes() -> None:
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    spec, _ = simulate.spec_from_args(parser.parse_args([
+        "--servers", "3", "--start", "0", "--layout", "all-7g.80gb", "--scrape-labels", "plain",
+        "--shared-slices", "1", "--host-label", "hostname", "--profile-drift"]))
+    assert (spec.scrape_labels, spec.shared_slices, spec.host_label, spec.profile_drift,
+            spec.layout) == ("plain", 1, "hostname", True, "all-7g.80gb")
+    default, _ = simulate.spec_from_args(parser.parse_args(["--start", "0"]))
+    assert (default.scrape_labels, default.shared_slices, default.host_label,
+            default.profile_drift) == ("kubernetes", 0, "Hostname", False)

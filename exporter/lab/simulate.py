@@ -38,9 +38,11 @@ import yaml
 
 __all__ = [
     "DCGM_FAMILIES",
+    "HOST_LABELS",
     "IDLE_THRESHOLD",
     "PHASES",
     "REASONS",
+    "SCRAPE_LABELS",
     "TRITON_FAMILIES",
     "Faults",
     "Fleet",
@@ -79,7 +81,14 @@ _QUANTILES = (("0.5", 0.9), ("0.9", 1.35), ("0.95", 1.6), ("0.99", 2.3), ("0.999
 _BUCKETS = ("100", "500", "2000", "5000")
 _K8S_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _PCI_BUS_IDS = ("1B", "43", "52", "61", "9D", "C3", "D1", "DF")
-_FB_TOTAL_MIB = {"1g.10gb": 9728, "2g.20gb": 19968, "3g.40gb": 40192}
+_FB_TOTAL_MIB = {"1g.10gb": 9728, "2g.20gb": 19968, "3g.40gb": 40192, "7g.80gb": 80896,
+                 "7g.79gb": 80896}
+SCRAPE_LABELS = ("kubernetes", "plain")
+"""How Prometheus labels Triton targets: Kubernetes SD (``pod``...) or a plain static scrape."""
+HOST_LABELS = ("Hostname", "hostname")
+"""dcgm-exporter's node label: ``Hostname`` up to 4.5.3-4.8.2, ``hostname`` after."""
+_DRIFTED_PROFILES = {"7g.80gb": "7g.79gb"}
+"""Profile names as some drivers report them (the requested name differs)."""
 
 # Triton families in the order prometheus-cpp prints them (counters, gauges, histogram, summaries).
 TRITON_FAMILIES: tuple[tuple[str, str, str], ...] = (
@@ -185,6 +194,7 @@ LAYOUTS: dict[str, tuple[tuple[str, int], ...]] = {
     "all-balanced": (("3g.40gb", 2), ("2g.20gb", 3), ("1g.10gb", 9), ("1g.10gb", 10)),
     "all-1g.10gb": tuple(("1g.10gb", gi) for gi in range(7, 14)),
     "all-3g.40gb": (("3g.40gb", 1), ("3g.40gb", 2)),
+    "all-7g.80gb": (("7g.80gb", 0),),
 }
 """Per-GPU layouts; ``mixed`` alternates all-balanced and all-3g.40gb GPUs."""
 
@@ -292,6 +302,12 @@ class FleetSpec:
     Models 0-2 are named like the notebook's (pn_demo, svj_tch_gnn, particlenet_aa), then
     model_003...; ``versioned_models`` also serve version "2"; ``cache_models`` have the response
     cache on (the others print empty cache families).
+
+    Source shapes (defaults: the notebook's setup): ``scrape_labels="plain"`` scrapes Triton as a
+    static_configs job would, with ``instance`` and no ``pod``; ``shared_slices`` MIG slices each
+    run two Triton servers (time-sliced: each gets half the slice, dcgm-exporter prints the slice
+    once per pod); ``host_label`` is dcgm-exporter's node label name; ``profile_drift`` reports
+    7g.80gb slices as the driver sometimes names them, 7g.79gb.
     """
 
     servers: int = 6
@@ -306,6 +322,10 @@ class FleetSpec:
     versioned_models: tuple[int, ...] = (0,)
     cache_models: tuple[int, ...] = (1,)
     layout: str = "all-balanced"
+    scrape_labels: str = "kubernetes"
+    shared_slices: int = 0
+    host_label: str = "Hostname"
+    profile_drift: bool = False
 
     def __post_init__(self) -> None:
         for name in ("servers", "models", "hosts", "gpus_per_host"):
@@ -323,12 +343,22 @@ class FleetSpec:
             raise ValueError(f"FleetSpec.layout must be one of {known}, got {self.layout!r}")
         if not math.isfinite(self.start):
             raise ValueError("FleetSpec.start must be finite")
+        if self.scrape_labels not in SCRAPE_LABELS:
+            raise ValueError(f"FleetSpec.scrape_labels must be one of {', '.join(SCRAPE_LABELS)}, "
+                             f"got {self.scrape_labels!r}")
+        if self.host_label not in HOST_LABELS:
+            raise ValueError(f"FleetSpec.host_label must be one of {', '.join(HOST_LABELS)}, "
+                             f"got {self.host_label!r}")
+        if not 0 <= 2 * self.shared_slices <= self.servers:
+            raise ValueError(f"FleetSpec.shared_slices must be within 0..servers/2, got "
+                             f"{self.shared_slices}")
         slices = sum(len(self.gpu_layout(g)) for g in range(self.hosts * self.gpus_per_host))
-        if self.servers > slices:
+        if self.servers > slices + self.shared_slices:
             raise ValueError(
                 f"FleetSpec.servers ({self.servers}) exceeds the {slices} MIG slices of "
-                f"{self.hosts} hosts x {self.gpus_per_host} GPUs ({self.layout}); raise hosts or "
-                "gpus_per_host, or use layout='all-1g.10gb'"
+                f"{self.hosts} hosts x {self.gpus_per_host} GPUs ({self.layout}, "
+                f"{self.shared_slices} of them shared by two); raise hosts or gpus_per_host, or "
+                "use layout='all-1g.10gb'"
             )
 
     @property
@@ -348,9 +378,13 @@ class FleetSpec:
 
 @dataclass(frozen=True)
 class MigSlice:
-    """One MIG GPU instance as dcgm-exporter reports it, and what runs on it."""
+    """One row of dcgm-exporter for a MIG GPU instance, and what runs on it.
+
+    A slice shared by several pods has a row per pod (same ``physical``, different ``pod``).
+    """
 
     index: int
+    physical: int
     host: str
     host_index: int
     gpu: int
@@ -363,6 +397,7 @@ class MigSlice:
     container: str | None = None
     namespace: str | None = None
     pod: str | None = None
+    host_label: str = "Hostname"
 
     @property
     def size(self) -> int:
@@ -383,7 +418,7 @@ class MigSlice:
             ("modelName", GPU_MODEL_NAME),
             ("GPU_I_PROFILE", self.profile),
             ("GPU_I_ID", str(self.gi_id)),
-            ("Hostname", self.host),
+            (self.host_label, self.host),
             ("DCGM_FI_DRIVER_VERSION", DRIVER_VERSION),
         ]
         if self.container is not None and self.namespace is not None and self.pod is not None:
@@ -706,13 +741,32 @@ class Fleet:
             sl.pod: sl for sl in self.slices if sl.triton and sl.pod is not None
         }
         self.pod_ips: list[str] = [f"10.42.{i // 250}.{i % 250 + 4}" for i in range(spec.servers)]
-        self._slice_pod = [
-            self._pod_index[sl.pod] if sl.triton and sl.pod is not None else -1
-            for sl in self.slices
-        ]
-        self._gpu_slices: dict[int, list[MigSlice]] = {}
+        # The `pod` the exporter publishes per server: the pod name under Kubernetes SD, else the
+        # target's `instance` (the first of the exporter's server labels that is set).
+        self.server_ids: list[str] = (
+            list(self.pods) if spec.scrape_labels == "kubernetes"
+            else [f"{ip}:8002" for ip in self.pod_ips]
+        )
+        on_physical: dict[int, list[int]] = {}
         for sl in self.slices:
-            self._gpu_slices.setdefault(sl.gpu_index, []).append(sl)
+            if sl.triton and sl.pod is not None:
+                on_physical.setdefault(sl.physical, []).append(self._pod_index[sl.pod])
+        # Per dcgm row: the Triton servers whose work the row's GPU instance does.
+        self._slice_servers: list[tuple[int, ...]] = [
+            tuple(on_physical.get(sl.physical, ())) if sl.triton else () for sl in self.slices
+        ]
+        # Per server: its share of its slice's time (time-slicing splits it evenly).
+        self._share: list[float] = [1.0] * spec.servers
+        for servers in on_physical.values():
+            for s in servers:
+                self._share[s] = 1.0 / len(servers)
+        # Physical GPU instances per GPU (a shared slice once).
+        self._gpu_slices: dict[int, list[MigSlice]] = {}
+        seen: set[int] = set()
+        for sl in self.slices:
+            if sl.physical not in seen:
+                seen.add(sl.physical)
+                self._gpu_slices.setdefault(sl.gpu_index, []).append(sl)
         self.pairs: list[Pair] = [(m, v) for m in range(spec.models) for v in spec.versions(m)]
         # Most (model, version) pairs one server can hold: the bound of the concurrency ratio.
         versioned = sum(1 for m in set(spec.versioned_models) if 0 <= m < spec.models)
@@ -740,27 +794,35 @@ class Fleet:
                 uuid = f"GPU-{x[:8]}-{x[8:12]}-4{x[13:16]}-{variant}{x[17:20]}-{x[20:32]}"
                 bus = _PCI_BUS_IDS[g] if g < len(_PCI_BUS_IDS) else f"{(0x10 + 7 * g) % 256:02X}"
                 for profile, gi in spec.gpu_layout(gpu_index):
+                    if spec.profile_drift:
+                        profile = _DRIFTED_PROFILES.get(profile, profile)
                     bare.append(MigSlice(
-                        index=len(bare), host=host, host_index=h, gpu=g, gpu_index=gpu_index,
-                        uuid=uuid, pci_bus_id=f"00000000:{bus}:00.0", profile=profile, gi_id=gi,
-                        instance=f"{self.host_ips[h]}:9400",
+                        index=len(bare), physical=len(bare), host=host, host_index=h, gpu=g,
+                        gpu_index=gpu_index, uuid=uuid, pci_bus_id=f"00000000:{bus}:00.0",
+                        profile=profile, gi_id=gi, instance=f"{self.host_ips[h]}:9400",
+                        host_label=spec.host_label,
                     ))
                 gpu_index += 1
         order = sorted(range(len(bare)),
                        key=lambda i: _uniforms(f"{spec.seed}|place|{i}", 1)[0])
-        owner: dict[int, tuple[str, str, str]] = {}
+        # The first shared_slices slices each take two pods, then one pod per slice.
+        owners: dict[int, list[tuple[str, str, str]]] = {}
+        shared = spec.shared_slices
         for i, pod in enumerate(self.pods):
-            owner[order[i]] = ("triton", "triton", pod)
-        free = order[len(self.pods):]
+            slot = i // 2 if i < 2 * shared else i - shared
+            owners.setdefault(order[slot], []).append(("triton", "triton", pod))
+        free = order[len(self.pods) - shared:]
         if free:
             big = [i for i in free if bare[i].size >= 3]
-            owner[(big or free)[0]] = ("notebook", "ml-train", "jupyter-alice-0")
+            owners[(big or free)[0]] = [("notebook", "ml-train", "jupyter-alice-0")]
         out: list[MigSlice] = []
         for sl in bare:
-            if sl.index in owner:
-                container, namespace, pod = owner[sl.index]
-                sl = dataclasses.replace(sl, container=container, namespace=namespace, pod=pod)
-            out.append(sl)
+            if sl.index not in owners:
+                out.append(dataclasses.replace(sl, index=len(out)))
+            # dcgm-exporter prints a device mapped to several pods once per pod.
+            for container, namespace, pod in owners.get(sl.index, []):
+                out.append(dataclasses.replace(sl, index=len(out), container=container,
+                                               namespace=namespace, pod=pod))
         return out
 
     def _pair_const(self, p: Pair) -> _PairConst:
@@ -892,14 +954,15 @@ class Fleet:
         if self._server_idle(s, k) or u[0] < c.idle_p:
             rates = _ZERO_RATES
         else:
-            g = c.g_max * (0.05 + 0.95 * u[1] ** 2)
+            share = self._share[s]
+            g = c.g_max * share * (0.05 + 0.95 * u[1] ** 2)
             infer = c.infer_us * (0.9 + 0.2 * u[2])
             rpb = 1.0 + (c.rpb_max - 1.0) * u[3]
             hit = (0.15 + 0.5 * u[4]) if c.cache else 0.0
             execs = g * 1e6 / infer
             misses = execs * rpb
             hits = misses * hit / (1.0 - hit)
-            queue = c.q_us * (0.5 + 4.0 * g / c.g_max) * (0.9 + 0.2 * u[5])
+            queue = c.q_us * (0.5 + 4.0 * g / (c.g_max * share)) * (0.9 + 0.2 * u[5])
             cin = c.in_us * (0.9 + 0.2 * u[6])
             cout = c.out_us * (0.9 + 0.2 * u[7])
             rates = (hits, misses, misses * c.ipr, execs, misses * queue, misses * cin,
@@ -989,25 +1052,27 @@ class Fleet:
                         )
                 else:
                     hist.base.extend([0.0] * _NPRIM)
-            hist.activity.extend(self._pod_activity(s, j, loaded))
+            hist.activity.extend(self._activity(j, ((s, loaded),)))
             hist.slots.append(slots)
             hist.loaded.append(loaded)
 
-    def _pod_activity(self, s: int, k: int, loaded: tuple[Pair, ...]) -> tuple[float, ...]:
-        """DCGM PROF values of the pod's slice in epoch k (6 decimals, as dcgm-exporter prints)."""
-        g_sum = tensor = dram = items = 0.0
+    def _activity(self, k: int,
+                  servers: Sequence[tuple[int, tuple[Pair, ...]]]) -> tuple[float, ...]:
+        """DCGM PROF values in epoch k of a slice running these (server, loaded pairs), 6
+        decimals as dcgm-exporter prints them; the first server's draw sets the idle floor."""
+        g_sum = tensor = dram = 0.0
         tx = rx = 0.0
-        for p in loaded:
-            rates = self._rates(s, p, k)
-            c = self._const[p]
-            g = rates[_NPRIM]
-            g_sum += g
-            tensor += g * c.tensor_frac
-            dram += g * c.dram_frac
-            items += rates[_C]
-            rx += rates[_C] * c.bytes_in
-            tx += rates[_C] * c.bytes_out
-        u = _uniforms(f"{self.spec.seed}|act|{s}|{k}", 2)
+        for s, loaded in servers:
+            for p in loaded:
+                rates = self._rates(s, p, k)
+                c = self._const[p]
+                g = rates[_NPRIM]
+                g_sum += g
+                tensor += g * c.tensor_frac
+                dram += g * c.dram_frac
+                rx += rates[_C] * c.bytes_in
+                tx += rates[_C] * c.bytes_out
+        u = _uniforms(f"{self.spec.seed}|act|{servers[0][0]}|{k}", 2)
         floor = 0.0005 + 0.004 * u[0]
         gr = round(min(0.99, g_sum + floor), 6)
         sm = round(min(1.0, 0.85 * g_sum + floor), 6)
@@ -1020,6 +1085,13 @@ class Fleet:
             float(int(tx + 65536 * floor * 200)),
             float(int(rx + 65536 * floor * 400)),
         )
+
+    def _pending(self, s: int, p: Pair, k: int) -> float:
+        """The pending-request gauge of pair p on server s in epoch k: requests/s times the mean
+        queue time (Little's law), in whole requests; constant within the epoch."""
+        dr = _derive(self._const[p], self._rates(s, p, k)[:_NPRIM])
+        queue_mean = dr.durations[1] / dr.misses if dr.misses > 0 else 0.0
+        return float(round(dr.success * queue_mean / 1e6))
 
     def _loaded(self, s: int, k: int) -> tuple[Pair, ...]:
         self._extend_server(s, k)
@@ -1040,10 +1112,13 @@ class Fleet:
         return tuple(hist.base[at + i] + rates[i] * (t - start_k) for i in range(_NPRIM))
 
     def _slice_values(self, sl: MigSlice, k: int) -> tuple[float, ...]:
-        s = self._slice_pod[sl.index]
-        if s >= 0:
+        servers = self._slice_servers[sl.index]
+        if len(servers) == 1:
+            s = servers[0]
             self._extend_server(s, k)
             return tuple(self._hist[s].activity[k * _NACT:(k + 1) * _NACT])
+        if servers:
+            return self._activity(k, [(s, self._loaded(s, k)) for s in servers])
         if sl.pod is not None:  # the other team's notebook: busy, not Triton
             u = _uniforms(f"{self.spec.seed}|notebook|{k}", 4)
             gr = 0.55 + 0.4 * u[0]
@@ -1156,9 +1231,7 @@ class Fleet:
                 add("nv_cache_hit_duration_per_model", mv, c.hit_us * d.hits)
                 add("nv_cache_num_misses_per_model", mv, d.misses)
                 add("nv_cache_miss_duration_per_model", mv, c.miss_us * d.misses)
-            queue_mean = dr.durations[1] / dr.misses if dr.misses > 0 else 0.0
-            add("nv_inference_pending_request_count", mv,
-                float(round(dr.success * queue_mean / 1e6)))
+            add("nv_inference_pending_request_count", mv, self._pending(s, p, k))
             add("nv_model_load_duration_secs", mv, c.load_secs)
             # Histogram and summary counts are whole numbers (OpenMetrics requires it);
             # flooring keeps them monotone and the buckets ordered by le.
@@ -1229,10 +1302,11 @@ class Fleet:
         util, power = self._gpu_power(sl.gpu_index, k)
         u = _uniforms(f"{self.spec.seed}|gpu|{sl.gpu_index}", 1)[0]
         total = _FB_TOTAL_MIB.get(sl.profile, 9728 * sl.size)
-        s = self._slice_pod[sl.index]
-        if s >= 0:
-            used = min(total - 256, 512 + sum(self._const[p].mem_mib
-                                              for p in self._hist[s].loaded[k]))
+        servers = self._slice_servers[sl.index]
+        if servers:
+            used = min(total - 256, sum(512 + sum(self._const[p].mem_mib
+                                                  for p in self._loaded(s, k))
+                                        for s in servers))
         elif sl.pod is not None:
             used = int(total * 0.8)
         else:
@@ -1271,10 +1345,13 @@ class Fleet:
         gauges are constant: rates are then exactly (C(t) - C(t - window)) / window for counters
         that did not reset, and post-reset plus pre-reset gain for those that did. With
         ``strict=False`` a window spanning epochs is integrated epoch by epoch (a pair counts if
-        it had a series at any time in the window; DCGM averages are time-weighted), which is
-        what Prometheus approaches only with dense scrapes. The timed fault switches count with
-        their state at t (flip them outside the window); restarts as they happened;
-        ``failing`` and ``slow_seconds`` do not change it.
+        it had a series at any time in the window; DCGM and pending-count averages are
+        time-weighted over the time the series existed), which is what Prometheus approaches
+        only with dense scrapes. The timed fault switches count with their state at t (flip
+        them outside the window); restarts as they happened; ``failing`` and ``slow_seconds``
+        do not change it. Triton figures name a server by ``server_ids`` (its instance in the
+        plain scrape mode); a MIG slice shared by pods has a row per pod and counts once in
+        the fleet sums.
         """
         if not (math.isfinite(window) and window > 0):
             raise ValueError(f"window must be a positive number of seconds, got {window}")
@@ -1298,6 +1375,8 @@ class Fleet:
                 for k in range(k0, k1 + 1)
             ]
             increases: dict[tuple[int, Pair], list[float]] = {}
+            # Pending-request gauge per pair: [value x seconds, seconds, last value].
+            gauges: dict[tuple[int, Pair], list[float]] = {}
             for s in range(self.spec.servers):
                 for k, a, b in spans:
                     for p in self._hist[s].loaded[k]:
@@ -1305,17 +1384,24 @@ class Fleet:
                         rates = self._rates(s, p, k)
                         for i in range(_NPRIM):
                             acc[i] += rates[i] * (b - a)
+                        value = self._pending(s, p, k)
+                        gauge = gauges.setdefault((s, p), [0.0, 0.0, 0.0])
+                        gauge[0] += value * (b - a)
+                        gauge[1] += b - a
+                        gauge[2] = value
+            pending = {key: (g[0] / g[1] if g[1] > 0 else g[2]) for key, g in gauges.items()}
             slice_values = {
                 sl.index: [(self._slice_values(sl, k), b - a) for k, a, b in spans]
                 for sl in self.slices if sl.triton
             }
-        return self._assemble_truth(t, window, increases, slice_values)
+        return self._assemble_truth(t, window, increases, pending, slice_values)
 
     def _assemble_truth(
         self,
         t: float,
         window: float,
         increases: Mapping[tuple[int, Pair], Sequence[float]],
+        pending: Mapping[tuple[int, Pair], float],
         slice_values: Mapping[int, Sequence[tuple[tuple[float, ...], float]]],
     ) -> Truth:
         out: Truth = {}
@@ -1330,23 +1416,30 @@ class Fleet:
 
         families = ("nv_inference_count", "nv_inference_request_success",
                     "nv_inference_request_failure")
-        # per level: [count, success, failure, exec, hits, *durations]
+        # per level: [count, success, failure, exec, hits, *durations, *failures by reason]
         by_mv: dict[Labels, list[float]] = {}
         by_pod: dict[Labels, list[float]] = {}
-        fleet: list[float] = [0.0] * (5 + len(PHASES))
+        fleet: list[float] = [0.0] * (5 + len(PHASES) + len(REASONS))
         servers_active: dict[Labels, int] = {}
         models_active: dict[Labels, int] = {}
         cached: set[Labels] = set()
+        queue = "nv_inference_pending_request_count"
+        queued_mv: dict[Labels, float] = {}
+        queued_pod: dict[Labels, float] = {}
         for (s, p), inc in sorted(increases.items()):
             c = self._const[p]
             d = _derive(c, inc)
-            pod = self.pods[s]
-            row = [d.inferences, d.success, sum(d.failures), d.executions, d.hits, *d.durations]
+            pod = self.server_ids[s]
+            row = [d.inferences, d.success, sum(d.failures), d.executions, d.hits, *d.durations,
+                   *d.failures]
             mv = _key(model=c.model, version=c.version)
             pk = _key(pod=pod)
+            mvp = _key(model=c.model, version=c.version, pod=pod)
             for fam, value in zip(families, row[:3], strict=True):
-                put(f"model_version_pod:{fam}:rate",
-                    _key(model=c.model, version=c.version, pod=pod), value / window)
+                put(f"model_version_pod:{fam}:rate", mvp, value / window)
+            put(f"model_version_pod:{queue}:avg", mvp, pending[(s, p)])
+            queued_mv[mv] = queued_mv.get(mv, 0.0) + pending[(s, p)]
+            queued_pod[pk] = queued_pod.get(pk, 0.0) + pending[(s, p)]
             bump(by_mv, mv, row)
             bump(by_pod, pk, row)
             for i, v in enumerate(row):
@@ -1362,19 +1455,36 @@ class Fleet:
                     put(f"{level}:{fam}:rate", key, value / window)
         for fam, value in zip(families, fleet[:3], strict=True):
             put(f":{fam}:rate", (), value / window)
+
+        def per_request(prefix: str, key: Labels, row: Sequence[float]) -> None:
+            """Executed rate, phase means and failures by reason of one row."""
+            success, hits = row[1], row[4]
+            executed = success - hits  # cache hits skip the compute phases
+            put(f"{prefix}:triton_requests_executed:rate", key, executed / window)
+            durations = row[5:5 + len(PHASES)]
+            for phase, total in zip(PHASES, durations, strict=True):
+                per = success if phase in ("request", "queue") else executed
+                if per > 0:
+                    put(f"{prefix}:nv_inference_{phase}_duration:mean_seconds", key,
+                        total / per / 1e6)
+            for reason, value in zip(REASONS, row[5 + len(PHASES):], strict=True):
+                put(f"{prefix}_reason:nv_inference_request_failure:rate" if prefix
+                    else "reason:nv_inference_request_failure:rate",
+                    _key(**dict(key), reason=reason), value / window)
+
         for key, row in by_mv.items():
             count, success, _, execs, hits = row[:5]
             if execs > 0:
                 put("model_version:nv_inference_batch_size:mean", key, count / execs)
             if key in cached and success > 0:
                 put("model_version:nv_cache_hit:ratio", key, hits / success)
-            if success > 0:
-                for phase, total in zip(PHASES, row[5:], strict=True):
-                    put(f"model_version:nv_inference_{phase}_duration:mean_seconds", key,
-                        total / success / 1e6)
-        if fleet[1] > 0:
-            for phase, total in zip(PHASES, fleet[5:], strict=True):
-                put(f":nv_inference_{phase}_duration:mean_seconds", (), total / fleet[1] / 1e6)
+            per_request("model_version", key, row)
+            put(f"model_version:{queue}:avg", key, queued_mv[key])
+        for key, value in queued_pod.items():
+            put(f"pod:{queue}:avg", key, value)
+        if increases:
+            per_request("", (), fleet)
+            put(f":{queue}:avg", (), sum(queued_pod.values()))
         # What a naive sum(rate(nv_inference_count[W])) sees.
         raw = fleet[0] / window
         if self.faults.switch_at("unlabeled_series", t):
@@ -1394,9 +1504,11 @@ class Fleet:
         put(":triton_model_servers_active:sum", (), float(summed))
         if busy > 0:
             put(":triton_model_concurrency:ratio", (), summed / busy)
-        # DCGM, slices allocated to Triton only (the exporter's default selector).
+        # DCGM, slices allocated to Triton only (the exporter's default selector): a row per
+        # (slice, pod); the fleet figures count a slice shared by pods once.
         sums = {"tensor": 0.0, "dram": 0.0, "equiv": 0.0}
         idle = 0
+        counted: set[int] = set()
         for sl in self.slices:
             if sl.index not in slice_values:
                 continue
@@ -1406,6 +1518,9 @@ class Fleet:
             put("gpu_instance:dcgm_tensor_active:avg", key, avg[0])
             put("gpu_instance:dcgm_dram_active:avg", key, avg[1])
             put("gpu_instance:dcgm_gr_engine_active:avg", key, avg[2])
+            if sl.physical in counted:
+                continue
+            counted.add(sl.physical)
             sums["tensor"] += avg[0]
             sums["dram"] += avg[1]
             sums["equiv"] += avg[0] * sl.size / 7.0
@@ -1425,9 +1540,10 @@ class Fleet:
         for replica, prom in ((False, "prometheus-k8s-0"), (True, "prometheus-k8s-1")):
             prefix = "/replica/1" if replica else ""
             for s, pod in enumerate(self.pods):
-                labels = [("job", "triton"), ("pod", pod), ("namespace", "triton"),
-                          ("container", "triton"), ("instance", f"{self.pod_ips[s]}:8002"),
-                          ("prometheus_replica", prom)]
+                kubernetes = [("pod", pod), ("namespace", "triton"), ("container", "triton")]
+                labels = [("job", "triton"),
+                          *(kubernetes if self.spec.scrape_labels == "kubernetes" else []),
+                          ("instance", f"{self.pod_ips[s]}:8002"), ("prometheus_replica", prom)]
                 out.append(_Target("triton-replica-1" if replica else "triton", "triton", pod,
                                    replica, f"{prefix}/triton/{pod}/metrics", tuple(labels)))
             for h, host in enumerate(self.hosts):
@@ -1442,10 +1558,12 @@ class Fleet:
         """A Prometheus config (YAML-ready) scraping this simulator at ``target`` (host:port).
 
         Stores the notebook's label set: Triton series get pod/namespace/container/instance
-        target labels; dcgm-exporter's own container/namespace/pod become exported_* (honor_labels
-        false). The replica jobs stand for a second HA Prometheus: they set ``job`` to the main
-        job's name so the copies differ only in ``prometheus_replica``, and their targets answer
-        an empty body unless ``duplicate_replica`` is on.
+        target labels (only instance with ``scrape_labels="plain"``, as a static_configs job
+        without Kubernetes SD gives); dcgm-exporter's own container/namespace/pod become
+        exported_* (honor_labels false). The replica jobs stand for a second HA Prometheus:
+        they set ``job`` to the main job's name so the copies differ only in
+        ``prometheus_replica``, and their targets answer an empty body unless
+        ``duplicate_replica`` is on.
         """
         interval = _format_duration(scrape_interval)
         jobs: dict[str, dict[str, Any]] = {}
@@ -1820,6 +1938,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start with this fault on (repeatable)")
     parser.add_argument("--slow", type=_parse_seconds, default=0.0, metavar="SECONDS",
                         help="delay every /metrics answer")
+    parser.add_argument("--scrape-labels", choices=SCRAPE_LABELS, default=d.scrape_labels,
+                        help="Triton target labels: Kubernetes SD's (pod, ...) or a plain "
+                             "static scrape's (instance only)")
+    parser.add_argument("--shared-slices", type=int, default=d.shared_slices,
+                        help="MIG slices that each run two Triton servers (time-sliced)")
+    parser.add_argument("--host-label", choices=HOST_LABELS, default=d.host_label,
+                        help="dcgm-exporter's node label (hostname in releases after 4.5.3-4.8.2)")
+    parser.add_argument("--profile-drift", action="store_true",
+                        help="report 7g.80gb MIG slices as 7g.79gb, as some drivers do")
 
 
 def spec_from_args(args: argparse.Namespace, now: float | None = None) -> tuple[FleetSpec, Faults]:
@@ -1834,7 +1961,8 @@ def spec_from_args(args: argparse.Namespace, now: float | None = None) -> tuple[
         servers=args.servers, models=args.models, hosts=args.hosts,
         gpus_per_host=args.gpus_per_host, seed=args.seed, epoch_seconds=epoch,
         models_per_server=args.models_per_server, churn=args.churn, start=start,
-        layout=args.layout,
+        layout=args.layout, scrape_labels=args.scrape_labels, shared_slices=args.shared_slices,
+        host_label=args.host_label, profile_drift=args.profile_drift,
     )
     faults = Faults(
         duplicate_replica="duplicate-replica" in args.fault,
