@@ -750,26 +750,27 @@ class _TLSConnection(HTTPSConnection):
         _connect(self, super().connect)
 
 
+def _watched(connection: Any) -> Any:
+    """``connection``, watched by the current call's deadline: a pooled one, already connected
+    (a new one is watched at connect)."""
+    call = _call_deadline()
+    if call is not None:
+        call.watch(connection)
+    return connection
+
+
 class _Pool(HTTPConnectionPool):
     ConnectionCls = _Connection
 
     def _get_conn(self, timeout: float | None = None) -> Any:
-        connection = super()._get_conn(timeout)
-        call = _call_deadline()
-        if call is not None:
-            call.watch(connection)  # a pooled one, already connected (a new one: at connect)
-        return connection
+        return _watched(super()._get_conn(timeout))
 
 
 class _TLSPool(HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
     def _get_conn(self, timeout: float | None = None) -> Any:
-        connection = super()._get_conn(timeout)
-        call = _call_deadline()
-        if call is not None:
-            call.watch(connection)
-        return connection
+        return _watched(super()._get_conn(timeout))
 
 
 _POOLS: Final[dict[str, type[HTTPConnectionPool]]] = {"http": _Pool, "https": _TLSPool}
