@@ -33,7 +33,7 @@ from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.scrape_process import ScrapeProcessError
 from exporter.service import Service, tune_interpreter, wait_for_signal
-from exporter.web import bcrypt_hash, hash_password
+from exporter.web import bcrypt_hash
 from exporter.worker import compute, evaluation_time, exposition, series_labels
 
 log = logging.getLogger("exporter")
@@ -42,11 +42,19 @@ EXIT_USAGE = 2
 
 
 def parse_instant(text: str) -> float:
-    """Unix seconds from RFC 3339 (``2026-11-24T10:00:00Z``) or a number of seconds."""
+    """Unix seconds from RFC 3339 (``2026-11-24T10:00:00Z``) or a number of seconds, between
+    1970 and 9999 (:func:`config.check_instant`)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
+        seconds = _rfc3339(text)
+    try:
+        return config.check_instant(seconds, text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _rfc3339(text: str) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -112,15 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the file to check (same as --config.file)")
     _add_web_config_flag(check)
 
-    hashing = sub.add_parser(
+    sub.add_parser(
         "hash-password",
-        help="read a password on stdin (not echoed on a terminal) and print its hash for "
-        "basic_auth_users",
-    )
-    hashing.add_argument(
-        "--algorithm", choices=["bcrypt", "pbkdf2-sha256"], default="bcrypt",
-        help="bcrypt (default; what exporter-toolkit's web config takes) or pbkdf2-sha256 "
-        "(passlib's format)",
+        help="read a password on stdin (not echoed on a terminal) and print its bcrypt hash "
+        "for basic_auth_users",
     )
 
     _add_config_flags(sub.add_parser(
@@ -219,28 +222,31 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 def read_password() -> str | None:
     """The password: asked twice without echo on a terminal (None if the two differ), else the
-    first line of stdin."""
+    first line of stdin. UnicodeError when it is not UTF-8 text."""
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         return password if getpass.getpass("Again: ") == password else None
-    line = sys.stdin.readline()
+    line = sys.stdin.buffer.readline()
     # Only the line ending goes: spaces at either end may be part of the password.
-    return line.removesuffix("\n").removesuffix("\r")
+    return line.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    password = read_password()
+    try:
+        password = read_password()
+        if password is not None:
+            password.encode("utf-8")  # a terminal's undecodable bytes arrive as surrogates
+    except UnicodeError:
+        print("error: the password is not UTF-8 text", file=sys.stderr)
+        return EXIT_USAGE
     if not password:
         problem = "the two passwords differ" if password is None else "empty password"
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    if args.algorithm == "pbkdf2-sha256":
-        print(hash_password(password))
-        return 0
     try:
         print(bcrypt_hash(password))
     except ValueError as error:
-        print(f"error: {error}; use --algorithm pbkdf2-sha256 for a longer one", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

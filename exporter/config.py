@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from exporter.web import BCRYPT_HASH, PASSWORD_HASH
+from exporter.web import BCRYPT_HASH
 
 ENV_PREFIX = "TRITON_MIG_EXPORTER_"
 #: Validation context key: also check that the files the configuration names can be used
@@ -79,6 +79,21 @@ def format_duration(seconds: float) -> str:
     if millis % 1000 == 0:
         return f"{millis // 1000}s"
     return f"{millis}ms"
+
+
+#: The instants a command takes (``once --at``, ``report --start``/``--end``): from the epoch to
+#: the end of year 9999, what RFC 3339 can write and Python's datetime can hold.
+FIRST_INSTANT = 0.0
+LAST_INSTANT = 253402300799.0
+
+
+def check_instant(seconds: float, text: str) -> float:
+    """``seconds`` (read from ``text``) if it is an instant between 1970 and 9999, else
+    ValueError saying so."""
+    if not FIRST_INSTANT <= seconds <= LAST_INSTANT:  # NaN too
+        raise ValueError(f"{text!r} is not an instant between 1970-01-01T00:00:00Z and "
+                         "9999-12-31T23:59:59Z (unix seconds 0 to 253402300799)")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -315,18 +330,23 @@ class EvaluationConfig(_Strict):
 
 
 def is_password_hash(text: str) -> bool:
-    return bool(BCRYPT_HASH.match(text) or PASSWORD_HASH.match(text))
+    return bool(BCRYPT_HASH.match(text))
 
 
 def _check_users(users: dict[str, str]) -> dict[str, str]:
     for user, hashed in users.items():
         if not user or ":" in user:
             raise ValueError(f"user name {user!r} must be non-empty and without ':'")
+        if hashed.startswith("$pbkdf2-sha256$"):
+            raise ValueError(
+                f"the value for user {user!r} is a pbkdf2-sha256 hash, which is no longer "
+                "accepted: re-hash the password with bcrypt (triton-mig-exporter hash-password)"
+            )
         if not is_password_hash(hashed):
             # The value is not shown: it may be a password pasted where its hash belongs.
             raise ValueError(
-                f"the value for user {user!r} is not a bcrypt ($2y$, $2b$, $2a$) or "
-                "$pbkdf2-sha256$ password hash (make one with triton-mig-exporter hash-password)"
+                f"the value for user {user!r} is not a bcrypt ($2y$, $2b$, $2a$) password hash "
+                "(make one with triton-mig-exporter hash-password)"
             )
     return users
 
@@ -443,7 +463,7 @@ class WebConfigFile(_Strict):
     exporter implements; others are refused by name."""
 
     tls_server_config: TLSServerConfig | None = None
-    #: username -> bcrypt hash (or :data:`PASSWORD_HASH`). /healthz and /readyz stay open.
+    #: username -> bcrypt hash. /healthz and /readyz stay open.
     basic_auth_users: dict[str, str] = Field(default_factory=dict)
 
     _unsupported = model_validator(mode="before")(
@@ -468,8 +488,8 @@ class WebConfig(_Strict):
     #: Serve over HTTPS with this certificate (PEM, chain included) and its key; both or neither.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    #: HTTP basic auth on /metrics and the landing page: username -> password hash
-    #: (:data:`PASSWORD_HASH`). /healthz and /readyz stay open for probes.
+    #: HTTP basic auth on /metrics and the landing page: username -> bcrypt hash. /healthz and
+    #: /readyz stay open for probes.
     basic_auth_users: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("listen_address")

@@ -6,10 +6,10 @@ Optionally (an exporter-toolkit web configuration file, ``--web.config.file``, o
 the configuration) the endpoints are served over TLS, client certificates can be required, and
 /metrics and the landing page sit behind HTTP basic auth. /healthz and /readyz stay open: they
 tell nothing but "up" and "ready", and kubelet probes carry no credentials. Passwords are stored
-as bcrypt hashes, as exporter-toolkit stores them (:func:`bcrypt_hash`), or as pbkdf2-sha256
-hashes in passlib's format (:func:`hash_password`); a verified (user, password) is remembered
-(as an HMAC under a per-process key, never the password) so a scraper pays the hash once, not
-on every scrape.
+as bcrypt hashes, as exporter-toolkit stores them (:func:`bcrypt_hash`), and no other format:
+with two, unknown user names took as long as one of them and could be told apart from the
+other. A verified (user, password) is remembered (as an HMAC under a per-process key, never the
+password) so a scraper pays the hash once, not on every scrape.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 #: Seconds a client gets for the TLS handshake, and for each read or write after it.
 HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = 30.0
-#: Rounds :func:`hash_password` uses (OWASP's 2023 figure for PBKDF2-HMAC-SHA256).
-DEFAULT_ROUNDS = 600_000
 #: The cost :func:`bcrypt_hash` uses: Python bcrypt's default, as exporter-toolkit's docs make
 #: their hashes with it (2^12 rounds, about a quarter of a second).
 DEFAULT_COST = 12
@@ -52,13 +50,6 @@ BCRYPT_MAX_BYTES = 72
 _REALM = 'Basic realm="triton-mig-exporter", charset="UTF-8"'
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
-#: A password hash for basic auth, in passlib's pbkdf2-sha256 format:
-#: ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>``, salt and checksum in "adapted base64" (``./``
-#: instead of ``+/``, no padding). ``triton-mig-exporter hash-password --algorithm
-#: pbkdf2-sha256`` makes one.
-PASSWORD_HASH = re.compile(
-    r"^\$pbkdf2-sha256\$([1-9][0-9]{0,9})\$([./A-Za-z0-9]{4,})\$([./A-Za-z0-9]{43})$"
-)
 #: A bcrypt hash, as exporter-toolkit takes them: ``$2y$`` (htpasswd -B), ``$2b$`` (Python's
 #: bcrypt, ``triton-mig-exporter hash-password``) or ``$2a$``; the cost (4 to 31), then 22
 #: characters of salt and 31 of checksum.
@@ -74,28 +65,6 @@ _LANDING = """<html><head><title>triton-mig-exporter</title></head><body>
 # --- passwords ----------------------------------------------------------------------------------
 
 
-def _ab64_encode(raw: bytes) -> str:
-    """passlib's "adapted base64": standard base64 with ``.`` for ``+``, no padding."""
-    return base64.b64encode(raw).decode("ascii").rstrip("=").replace("+", ".")
-
-
-def _ab64_decode(text: str) -> bytes:
-    padded = text.replace(".", "+") + "=" * (-len(text) % 4)
-    return base64.b64decode(padded, validate=True)
-
-
-def hash_password(password: str, rounds: int = DEFAULT_ROUNDS, salt: bytes | None = None) -> str:
-    """A ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>`` hash for ``web.basic_auth_users``.
-
-    The same format as passlib's ``pbkdf2_sha256.hash``; from a shell::
-
-        triton-mig-exporter hash-password --algorithm pbkdf2-sha256
-    """
-    salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)
-    return f"$pbkdf2-sha256${rounds}${_ab64_encode(salt)}${_ab64_encode(digest)}"
-
-
 def bcrypt_hash(password: str, cost: int = DEFAULT_COST) -> str:
     """A ``$2b$<cost>$...`` bcrypt hash for ``basic_auth_users``: what exporter-toolkit takes.
 
@@ -107,46 +76,39 @@ def bcrypt_hash(password: str, cost: int = DEFAULT_COST) -> str:
     return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=cost)).decode("ascii")
 
 
-def _dummy_like(hashed: str) -> str:
-    """A hash of a random password at the cost of ``hashed``: unknown users are checked
-    against it, so they take as long as known ones."""
-    cost = BCRYPT_HASH.match(hashed)
-    if cost:
-        return bcrypt_hash(secrets.token_hex(8), int(cost.group(1)))
-    rounds = PASSWORD_HASH.match(hashed)
-    return hash_password(secrets.token_hex(8), int(rounds.group(1)) if rounds else 1)
+def bcrypt_cost(hashed: str) -> int:
+    """The cost of a bcrypt hash (ValueError for anything else)."""
+    match = BCRYPT_HASH.match(hashed)
+    if match is None:
+        raise ValueError("not a bcrypt ($2y$, $2b$, $2a$) password hash")
+    return int(match.group(1))
 
 
 def verify_password(password: str, hashed: str) -> bool:
-    """Whether ``password`` matches ``hashed``, a bcrypt or pbkdf2-sha256 hash."""
-    if BCRYPT_HASH.match(hashed):
-        raw = password.encode("utf-8")
-        # Python's bcrypt refuses a longer password; Go's used to read its first 72 bytes. A
-        # password of 73 bytes and more never matches.
-        return len(raw) <= BCRYPT_MAX_BYTES and bcrypt.checkpw(raw, hashed.encode("ascii"))
-    match = PASSWORD_HASH.match(hashed)
-    if match is None:
+    """Whether ``password`` matches ``hashed``, a bcrypt hash (False for anything else)."""
+    if not BCRYPT_HASH.match(hashed):
         return False
-    try:
-        salt, expected = _ab64_decode(match.group(2)), _ab64_decode(match.group(3))
-    except (binascii.Error, ValueError):
-        return False
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, int(match.group(1)))
-    return hmac.compare_digest(digest, expected)
+    raw = password.encode("utf-8")
+    # Python's bcrypt refuses a longer password; Go's used to read its first 72 bytes. A
+    # password of 73 bytes and more never matches.
+    return len(raw) <= BCRYPT_MAX_BYTES and bcrypt.checkpw(raw, hashed.encode("ascii"))
 
 
 class BasicAuth:
-    """Checks ``Authorization: Basic`` headers against ``users`` (user name -> hash)."""
+    """Checks ``Authorization: Basic`` headers against ``users`` (user name -> bcrypt hash;
+    ValueError for anything else)."""
 
     CACHE_SIZE = 256
 
     def __init__(self, users: Mapping[str, str]) -> None:
         self._users = dict(users)
+        costs = [bcrypt_cost(hashed) for hashed in self._users.values()]
         self._key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
-        # Unknown users are checked against this, so they take as long as known ones.
-        self._dummy = _dummy_like(next(iter(self._users.values()), ""))
+        # Unknown users are checked against this, as costly as the costliest user's hash, so
+        # an unknown name never answers faster than a known one.
+        self._dummy = bcrypt_hash(secrets.token_hex(8), max(costs, default=DEFAULT_COST))
 
     def __call__(self, header: str | None) -> bool:
         if not header or header[:6].lower() != "basic ":

@@ -104,8 +104,11 @@ CASES = [
     Case("web certificate without key", "web: {tls_cert_file: '{dir}/cert.pem'}", "web",
          "set both tls_cert_file and tls_key_file, or neither"),
     Case("web password instead of its hash", "web: {basic_auth_users: {prom: hunter2}}",
-         "web.basic_auth_users", "is not a bcrypt ($2y$, $2b$, $2a$) or $pbkdf2-sha256$ password "
-         "hash", secret="hunter2"),
+         "web.basic_auth_users", "is not a bcrypt ($2y$, $2b$, $2a$) password hash",
+         secret="hunter2"),
+    Case("web pbkdf2 hash", "web: {basic_auth_users: {prom: '$pbkdf2-sha256$1000$c2FsdA$"
+         + "A" * 43 + "'}}", "web.basic_auth_users", "is a pbkdf2-sha256 hash, which is no "
+         "longer accepted: re-hash the password with bcrypt (triton-mig-exporter hash-password)"),
     Case("web config file and web TLS keys",
          "web: {config_file: '{dir}/web.yml', tls_cert_file: c.pem, tls_key_file: k.pem}", "web",
          "set config_file (--web.config.file) or tls_cert_file, tls_key_file and "
@@ -143,6 +146,9 @@ CASES = [
              "'TLS13'"),
     web_case("password instead of its hash", "basic_auth_users: {prom: hunter2}",
              "basic_auth_users", "the value for user 'prom' is not a bcrypt", secret="hunter2"),
+    web_case("pbkdf2 hash", "basic_auth_users: {prom: '$pbkdf2-sha256$1000$c2FsdA$"
+             + "A" * 43 + "'}", "basic_auth_users", "the value for user 'prom' is a "
+             "pbkdf2-sha256 hash, which is no longer accepted: re-hash the password with bcrypt"),
     web_case("not YAML", "basic_auth_users: [", "not valid YAML", "at line"),
     Case("empty file", "", "(top level)", "empty configuration file"),
     Case("only comments", "# upstream: {url: 'http://prom:9090'}\n", "(top level)",
