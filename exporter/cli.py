@@ -162,7 +162,9 @@ def load_config(args: argparse.Namespace, path: Path | None = None) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.config_file or args.config_path
-    load_config(args, path)
+    cfg = load_config(args, path)
+    for warning in cfg.warnings():
+        print(f"warning: {path or '<defaults>'}: {warning}", file=sys.stderr)
     print(f"{path or '<defaults>'}: ok")
     if args.web_config_file is not None:
         print(f"{args.web_config_file}: ok")
@@ -171,6 +173,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    for warning in cfg.warnings():
+        log.warning("%s", warning)
     service = Service(cfg)
     tune_interpreter()
     try:
