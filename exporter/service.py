@@ -12,7 +12,7 @@ import signal
 import ssl
 import sys
 import threading
-from http.server import ThreadingHTTPServer
+from http.server import HTTPServer
 from types import FrameType
 
 from exporter import catalog, upstream, web
@@ -116,7 +116,7 @@ class Service:
                 raise ConfigError(
                     f"{tls.cert_file}: cannot load the TLS certificate: {error}") from None
         self._users = dict(served.basic_auth_users)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: HTTPServer | None = None
         self.scrapes: ScrapeProcess | None = None
         self._relay: threading.Thread | None = None
         self._stopping = threading.Event()
