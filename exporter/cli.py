@@ -11,7 +11,9 @@ import argparse
 import getpass
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -32,7 +34,7 @@ from exporter import (
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.scrape_process import ScrapeProcessError
-from exporter.service import Service, tune_interpreter, wait_for_signal
+from exporter.service import Service, catch_hangups, tune_interpreter, wait_for_signal
 from exporter.web import bcrypt_hash
 from exporter.worker import compute, evaluation_time, exposition, series_labels
 
@@ -172,6 +174,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    previous = signal.getsignal(signal.SIGHUP)
+    hangup = catch_hangups()  # from the start: a SIGHUP while starting must not end serve
+    try:
+        return _serve(args, hangup)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _serve(args: argparse.Namespace, hangup: threading.Event) -> int:
     cfg = load_config(args)
     for warning in cfg.warnings():
         log.warning("%s", warning)
@@ -189,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.stop()
         return 1
     try:
-        wait_for_signal(service.failed)
+        wait_for_signal(service.failed, lambda: reload(args, service), hangup)
     finally:
         if service.failed.is_set():
             log.error("%s", service.failure)
@@ -204,6 +215,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(code)
     return code
+
+
+def reload(args: argparse.Namespace, service: Service) -> None:
+    """SIGHUP: read the configuration again (the same file and flags) and run with it; a
+    configuration that does not load is logged and the running one kept, as Prometheus does."""
+    where = args.config_file or "<defaults>"
+    try:
+        cfg = load_config(args)
+        lasting = service.reload(cfg)
+    except (ConfigError, ScrapeProcessError) as error:
+        log.error("reloading the configuration failed, keeping the running configuration: %s",
+                  error)
+        return
+    for warning in cfg.warnings():
+        log.warning("%s", warning)
+    for key in lasting:
+        log.warning("%s changed: it takes effect when serve restarts", key)
+    log.info("reloaded the configuration from %s", where)
 
 
 def cmd_once(args: argparse.Namespace) -> int:

@@ -317,7 +317,7 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
             super().setup()
             self.rfile.close()  # the socket's own file, replaced by one with a deadline
             self._reader = _RequestReader(self.connection)
-            began: float = cast("_Server", self.server).began.at
+            began: float = cast("Server", self.server).began.at
             self._reader.deadline = began + REQUEST_TIMEOUT
             self.rfile = io.BufferedReader(self._reader)
 
@@ -497,7 +497,7 @@ class _Waiting:
             self._drop(connection)
 
 
-class _Server(HTTPServer):
+class Server(HTTPServer):
     """An HTTP server whose connections wait for their first byte without a thread
     (:class:`_Waiting`) and are then answered by at most :data:`MAX_THREADS` threads
     (:class:`_Pool`)."""
@@ -554,7 +554,7 @@ class _Server(HTTPServer):
                   type(error).__name__, error)
 
 
-class _Server6(_Server):
+class Server6(Server):
     address_family = socket.AF_INET6
 
 
@@ -565,7 +565,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(_Server.request_queue_size)
+        sock.listen(Server.request_queue_size)
     except OSError:
         sock.close()
         raise
@@ -573,10 +573,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve_socket(app: App, sock: socket.socket, *, tls: TLSFiles | None = None
-                 ) -> HTTPServer:
+                 ) -> Server:
     """Serve ``app`` on a listening socket in a daemon thread; the caller shuts the returned
     server down (which closes the socket)."""
-    server_class = _Server6 if sock.family == socket.AF_INET6 else _Server
+    server_class = Server6 if sock.family == socket.AF_INET6 else Server
     server = server_class(sock.getsockname()[:2], _handler(app), bind_and_activate=False)
     server.socket.close()
     server.socket = sock
@@ -588,6 +588,6 @@ def serve_socket(app: App, sock: socket.socket, *, tls: TLSFiles | None = None
     return server
 
 
-def serve(app: App, host: str, port: int, *, tls: TLSFiles | None = None) -> HTTPServer:
+def serve(app: App, host: str, port: int, *, tls: TLSFiles | None = None) -> Server:
     """Start serving on ``host:port`` in a daemon thread (OSError when the port is taken)."""
     return serve_socket(app, listen(host, port), tls=tls)

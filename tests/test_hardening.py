@@ -49,6 +49,7 @@ from fakes import (
     encode,
     exporter_config,
     finish,
+    parse,
     payload,
     start_fake,
     start_serve,
@@ -1084,3 +1085,71 @@ def hang_up_seen(sock: socket.socket) -> bool:
         return False
     except OSError:  # reset
         return True
+
+
+# --- round two: SIGHUP ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scrape_process", SCRAPE_MODES)
+def test_sighup_reloads_the_configuration_and_keeps_serving(
+    scrape_process: bool, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """SIGHUP killed serve at once with no log line (and systemd's Restart=on-failure did not
+    restart it). It now reloads the configuration, as Prometheus does: a good file takes
+    effect (another upstream, basic auth, a staleness bound), a bad one is logged and the
+    running configuration kept; what cannot change while serving (the listen address, the
+    scrape process mode) says so."""
+    import signal
+
+    import yaml
+
+    from exporter.web import bcrypt_hash
+
+    first, second = start_fake(cleanup), start_fake(cleanup)
+    cfg = exporter_config(first.url)
+    cfg["web"]["scrape_process"] = scrape_process
+    serve = start_serve(cleanup, cfg, tmp_path)
+    path = tmp_path / "exporter.yaml"
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    pid = serving_pid(serve)
+
+    def hangup(what: str) -> str:
+        logged = len(serve.lines)
+        serve.proc.send_signal(signal.SIGHUP)
+        return wait_for(lambda: next((x for x in serve.lines[logged:] if what in x), None), 10,
+                        what=what)
+
+    # A good file: another upstream, basic auth on /metrics.
+    cfg["upstream"]["url"] = second.url
+    cfg["web"]["basic_auth_users"] = {"prometheus": bcrypt_hash("s3cret", 4)}
+    path.write_text(yaml.safe_dump(cfg))
+    line = hangup("reloaded the configuration")
+    assert f"reloaded the configuration from {path}" in line, line
+    switched = time.monotonic()
+    wait_for(lambda: second.since(switched), 5, what="queries to the new upstream")
+    time.sleep(2 * INTERVAL)
+    assert not first.since(time.monotonic() - INTERVAL), "the old upstream is still queried"
+    assert serve.get("/metrics", auth=None).status_code == 401
+    s = parse(serve.get("/metrics", auth=("prometheus", "s3cret")).text)
+    assert value(s, FLEET_RATE) == pytest.approx(second.fleet.rate)
+    assert serve.get("/healthz", auth=None).status_code == 200
+
+    # A bad file: one line naming it and the key; the running configuration stays.
+    path.write_text("upstream: {urll: 'http://x:9090'}\n")
+    line = hangup("keeping the running configuration")
+    assert " ERROR " in line and f"{path}: upstream.urll: unknown key" in line, line
+    assert serve.proc.poll() is None
+    assert serve.get("/metrics", auth=("prometheus", "s3cret")).status_code == 200
+    seen = time.monotonic()
+    wait_for(lambda: second.since(seen), 5, what="queries to the running upstream")
+
+    # What needs a restart says so, and the rest still applies.
+    cfg["web"]["listen_address"] = "127.0.0.1:1"
+    cfg["web"]["basic_auth_users"] = {}
+    path.write_text(yaml.safe_dump(cfg))
+    line = hangup("takes effect when serve restarts")
+    assert "web.listen_address" in line and " WARNING " in line, line
+    wait_for(lambda: serve.get("/metrics", auth=None).status_code == 200, 5,
+             what="basic auth off")
+    assert serving_pid(serve) == pid or scrape_process  # the scrape process was restarted
+    finish(serve)
