@@ -12,7 +12,9 @@ import getpass
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -23,9 +25,15 @@ from exporter import __version__, config, dashboard, discover, report, rules, up
 from exporter.catalog import Selectors
 from exporter.config import Config, ConfigError
 from exporter.scrape_process import ScrapeProcessError
-from exporter.service import Service, quiet_libraries, tune_interpreter, wait_for_signal
+from exporter.service import (
+    Service,
+    catch_hangups,
+    quiet_libraries,
+    tune_interpreter,
+    wait_for_signal,
+)
 from exporter.upstream import Hint, UpstreamError
-from exporter.web import bcrypt_hash, hash_password
+from exporter.web import bcrypt_hash
 from exporter.worker import (
     compute,
     cycle_deadline,
@@ -42,11 +50,19 @@ EXIT_USAGE = 2
 
 
 def parse_instant(text: str) -> float:
-    """Unix seconds from RFC 3339 (``2026-11-24T10:00:00Z``) or a number of seconds."""
+    """Unix seconds from RFC 3339 (``2026-11-24T10:00:00Z``) or a number of seconds, between
+    1970 and 9999 (:func:`config.check_instant`)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
+        seconds = _rfc3339(text)
+    try:
+        return config.check_instant(seconds, text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _rfc3339(text: str) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -126,15 +142,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="the file to check (same as --config.file)")
     _add_web_config_flag(check)
 
-    hashing = sub.add_parser(
+    sub.add_parser(
         "hash-password",
-        help="read a password on stdin (not echoed on a terminal) and print its hash for "
-        "basic_auth_users",
-    )
-    hashing.add_argument(
-        "--algorithm", choices=["bcrypt", "pbkdf2-sha256"], default="bcrypt",
-        help="bcrypt (default; what exporter-toolkit's web config takes) or pbkdf2-sha256 "
-        "(passlib's format)",
+        help="read a password on stdin (not echoed on a terminal) and print its bcrypt hash "
+        "for basic_auth_users",
     )
 
     _add_config_flags(sub.add_parser(
@@ -170,7 +181,9 @@ def load_config(args: argparse.Namespace, path: Path | None = None) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.config_file or args.config_path
-    load_config(args, path)
+    cfg = load_config(args, path)
+    for warning in cfg.warnings():
+        print(f"warning: {path or '<defaults>'}: {warning}", file=sys.stderr)
     print(f"{path or '<defaults>'}: ok")
     if args.web_config_file is not None:
         print(f"{args.web_config_file}: ok")
@@ -178,7 +191,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    previous = signal.getsignal(signal.SIGHUP)
+    hangup = catch_hangups()  # from the start: a SIGHUP while starting must not end serve
+    try:
+        return _serve(args, hangup)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _serve(args: argparse.Namespace, hangup: threading.Event) -> int:
     cfg = load_config(args)
+    for warning in cfg.warnings():
+        log.warning("%s", warning)
     service = Service(cfg)
     tune_interpreter()
     try:
@@ -193,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.stop()
         return 1
     try:
-        wait_for_signal(service.failed)
+        wait_for_signal(service.failed, lambda: reload(args, service), hangup)
     finally:
         if service.failed.is_set():
             log.error("%s", service.failure)
@@ -208,6 +232,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(code)
     return code
+
+
+def reload(args: argparse.Namespace, service: Service) -> None:
+    """SIGHUP: read the configuration again (the same file and flags) and run with it; a
+    configuration that does not load is logged and the running one kept, as Prometheus does."""
+    where = args.config_file or "<defaults>"
+    try:
+        cfg = load_config(args)
+        lasting = service.reload(cfg)
+    except (ConfigError, ScrapeProcessError) as error:
+        log.error("reloading the configuration failed, keeping the running configuration: %s",
+                  error)
+        return
+    for warning in cfg.warnings():
+        log.warning("%s", warning)
+    for key in lasting:
+        log.warning("%s changed: it takes effect when serve restarts", key)
+    log.info("reloaded the configuration from %s", where)
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -272,28 +314,31 @@ def _where(key: str, args: argparse.Namespace) -> str:
 
 def read_password() -> str | None:
     """The password: asked twice without echo on a terminal (None if the two differ), else the
-    first line of stdin."""
+    first line of stdin. UnicodeError when it is not UTF-8 text."""
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         return password if getpass.getpass("Again: ") == password else None
-    line = sys.stdin.readline()
+    line = sys.stdin.buffer.readline()
     # Only the line ending goes: spaces at either end may be part of the password.
-    return line.removesuffix("\n").removesuffix("\r")
+    return line.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    password = read_password()
+    try:
+        password = read_password()
+        if password is not None:
+            password.encode("utf-8")  # a terminal's undecodable bytes arrive as surrogates
+    except UnicodeError:
+        print("error: the password is not UTF-8 text", file=sys.stderr)
+        return EXIT_USAGE
     if not password:
         problem = "the two passwords differ" if password is None else "empty password"
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    if args.algorithm == "pbkdf2-sha256":
-        print(hash_password(password))
-        return 0
     try:
         print(bcrypt_hash(password))
     except ValueError as error:
-        print(f"error: {error}; use --algorithm pbkdf2-sha256 for a longer one", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -3,19 +3,26 @@
 Every error names the file and the key. Environment variables override the file for containers:
 ``TRITON_MIG_EXPORTER_<SECTION>__<KEY>`` (double underscore between levels, case-insensitive),
 e.g. ``TRITON_MIG_EXPORTER_UPSTREAM__URL=http://mimir:9009/prometheus``. Their values are parsed
-as YAML, so ``false``, ``30s`` and ``[a, b]`` mean what they look like.
+as YAML, so ``false``, ``30s`` and ``[a, b]`` mean what they look like. A variable with the prefix
+that names no key is an error naming it (a misspelling would otherwise be ignored), and so is a
+bad value (the variable, not the file, is named).
+
+The file must be a regular file of at most 1 MiB holding a YAML mapping; a key given twice in
+one mapping is an error naming the line (PyYAML would keep the last silently).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
 import re
 import ssl
+import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import promql_parser
@@ -33,9 +40,14 @@ from pydantic import (
     model_validator,
 )
 
-from exporter.web import BCRYPT_HASH, PASSWORD_HASH
+from exporter.web import BCRYPT_HASH, bcrypt_cost
 
 ENV_PREFIX = "TRITON_MIG_EXPORTER_"
+#: Variables with the prefix that are not configuration keys (promserver.CACHE_ENV); any other
+#: is a key, and one that names no key is an error.
+OTHER_VARIABLES = frozenset({"TRITON_MIG_EXPORTER_CACHE"})
+#: A configuration file larger than this is refused unread: no configuration comes near it.
+MAX_FILE_BYTES = 1 << 20
 #: Validation context key: also check that the files the configuration names can be used
 #: (secrets readable and not empty, certificates loadable). :func:`load` and
 #: :func:`from_mapping` set it, so ``check-config`` and ``serve`` agree; models built in code
@@ -79,6 +91,40 @@ def format_duration(seconds: float) -> str:
     if millis % 1000 == 0:
         return f"{millis // 1000}s"
     return f"{millis}ms"
+
+
+#: The instants a command takes (``once --at``, ``report --start``/``--end``): from the epoch to
+#: the end of year 9999, what RFC 3339 can write and Python's datetime can hold.
+FIRST_INSTANT = 0.0
+LAST_INSTANT = 253402300799.0
+
+
+def check_instant(seconds: float, text: str) -> float:
+    """``seconds`` (read from ``text``) if it is an instant between 1970 and 9999, else
+    ValueError saying so."""
+    if not FIRST_INSTANT <= seconds <= LAST_INSTANT:  # NaN too
+        raise ValueError(f"{text!r} is not an instant between 1970-01-01T00:00:00Z and "
+                         "9999-12-31T23:59:59Z (unix seconds 0 to 253402300799)")
+    return seconds
+
+
+def worst_case_seconds(timeout: float, retries: int, backoff: float) -> float:
+    """How long one upstream call can take before it gives up (the client of
+    exporter/upstream.py): ``retries + 1`` attempts of up to ``timeout`` each, and before each
+    retry the longer of urllib3's backoff (none before the first retry, then ``backoff x
+    2^(n-1)``, at most ``max(backoff, timeout)``) and a ``Retry-After``, which the client caps
+    at ``max(1 s, timeout)``.
+
+    The queries of a cycle run concurrently and, once the upstream proves unreachable, the
+    ones not yet sent give up at once, so a cycle takes about this long at worst.
+    """
+    retry_after = max(1.0, float(math.ceil(timeout)))
+    longest = max(backoff, timeout)
+    waits = sum(
+        max(0.0 if n == 1 else min(longest, backoff * 2 ** (n - 1)), retry_after)
+        for n in range(1, retries + 1)
+    )
+    return (retries + 1) * timeout + waits
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -328,6 +374,11 @@ class UpstreamConfig(_Strict):
         return value
 
     @property
+    def worst_case_seconds(self) -> float:
+        """How long one call can take before it gives up (:func:`worst_case_seconds`)."""
+        return worst_case_seconds(self.timeout, self.retries, self.backoff)
+
+    @property
     def cycle_response_bytes(self) -> int:
         """The cycle's budget: ``max_cycle_response_bytes``, by default two maximal answers.
 
@@ -392,18 +443,23 @@ class EvaluationConfig(_Strict):
 
 
 def is_password_hash(text: str) -> bool:
-    return bool(BCRYPT_HASH.match(text) or PASSWORD_HASH.match(text))
+    return bool(BCRYPT_HASH.match(text))
 
 
 def _check_users(users: dict[str, str]) -> dict[str, str]:
     for user, hashed in users.items():
         if not user or ":" in user:
             raise ValueError(f"user name {user!r} must be non-empty and without ':'")
+        if hashed.startswith("$pbkdf2-sha256$"):
+            raise ValueError(
+                f"the value for user {user!r} is a pbkdf2-sha256 hash, which is no longer "
+                "accepted: re-hash the password with bcrypt (triton-mig-exporter hash-password)"
+            )
         if not is_password_hash(hashed):
             # The value is not shown: it may be a password pasted where its hash belongs.
             raise ValueError(
-                f"the value for user {user!r} is not a bcrypt ($2y$, $2b$, $2a$) or "
-                "$pbkdf2-sha256$ password hash (make one with triton-mig-exporter hash-password)"
+                f"the value for user {user!r} is not a bcrypt ($2y$, $2b$, $2a$) password hash "
+                "(make one with triton-mig-exporter hash-password)"
             )
     return users
 
@@ -520,7 +576,7 @@ class WebConfigFile(_Strict):
     exporter implements; others are refused by name."""
 
     tls_server_config: TLSServerConfig | None = None
-    #: username -> bcrypt hash (or :data:`PASSWORD_HASH`). /healthz and /readyz stay open.
+    #: username -> bcrypt hash. /healthz and /readyz stay open.
     basic_auth_users: dict[str, str] = Field(default_factory=dict)
 
     _unsupported = model_validator(mode="before")(
@@ -545,8 +601,8 @@ class WebConfig(_Strict):
     #: Serve over HTTPS with this certificate (PEM, chain included) and its key; both or neither.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    #: HTTP basic auth on /metrics and the landing page: username -> password hash
-    #: (:data:`PASSWORD_HASH`). /healthz and /readyz stay open for probes.
+    #: HTTP basic auth on /metrics and the landing page: username -> bcrypt hash. /healthz and
+    #: /readyz stay open for probes.
     basic_auth_users: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("listen_address")
@@ -741,25 +797,96 @@ class Config(_Strict):
             raise ValueError(f"replica_labels: {sorted(clash)} also name a source identity label")
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that work but are likely wrong, one line each: ``check-config`` prints
+        them and ``serve`` logs them at start."""
+        found = []
+        up, ev = self.upstream, self.evaluation
+        worst = up.worst_case_seconds
+        # A family that answers is renewed at the end of each cycle; a slow cycle ends up to
+        # its worst case after the next tick, which comes up to one interval after the last end.
+        if worst + ev.interval > ev.staleness_bound:
+            found.append(
+                f"upstream: a cycle can take up to {worst:g}s ((retries + 1) x timeout and the "
+                f"waits between tries), so with evaluation.interval {ev.interval:g}s the figures "
+                f"of the queries that did answer can be {worst + ev.interval:g}s old before a "
+                f"cycle renews them, over evaluation.staleness {ev.staleness_bound:g}s: while "
+                "the upstream is slow they would be withdrawn between cycles; lower "
+                "upstream.timeout or upstream.retries, or raise evaluation.staleness"
+            )
+        try:
+            users = self.web.served().basic_auth_users
+        except ConfigError:
+            users = {}
+        costs = {bcrypt_cost(hashed) for hashed in users.values() if is_password_hash(hashed)}
+        if len(costs) > 1:
+            found.append(
+                f"web: basic_auth_users: the bcrypt hashes have different costs "
+                f"({', '.join(map(str, sorted(costs)))}): unknown user names take as long as the "
+                "costliest, so users with a cheaper hash can be told apart by timing; hash every "
+                "password with the same cost"
+            )
+        return found
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The configuration section behind a field's annotation (``X | None`` included)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return any(get_origin(a) is dict for a in (annotation, *get_args(annotation)))
+
+
+def _env_path(name: str) -> tuple[str, ...]:
+    """The configuration path a variable names (ConfigError naming it when it names none)."""
+    path = tuple(name[len(ENV_PREFIX):].lower().split("__"))
+    if not all(path):
+        raise ConfigError(f"environment: {name}: an empty key (levels are separated by a double "
+                          "underscore: TRITON_MIG_EXPORTER_UPSTREAM__URL)")
+    model: type[BaseModel] = Config
+    where = ""
+    for depth, key in enumerate(path):
+        fields = model.model_fields
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            what = "a configuration section" if model is Config else f"a key of {where}"
+            raise ConfigError(f"environment: {name}: {key!r} is not {what}{hint}")
+        where = f"{where}.{key}" if where else key
+        annotation = fields[key].annotation
+        section = _model_of(annotation)
+        if depth + 1 == len(path):
+            return path  # a key, or a whole section given as a YAML mapping
+        if section is None:
+            if _is_mapping(annotation):
+                return path  # a mapping's own keys (headers, alert labels) are free
+            raise ConfigError(f"environment: {name}: {where} has no keys")
+        model = section
+    return path
+
+
+def _env_overrides(
+    environ: Mapping[str, str],
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The overrides the environment makes, and the variable behind each path set."""
     overrides: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.upper().startswith(ENV_PREFIX):
+    origins: dict[tuple[str, ...], str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in OTHER_VARIABLES:
             continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        if path[0] not in Config.model_fields:
-            continue  # other variables of ours (e.g. the cache folder) are not config keys
+        path = _env_path(name)
         node = overrides
         for key in path[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"environment: {name}: conflicts with another variable")
-        try:
-            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            raise ConfigError(f"environment: {name}: not a valid YAML value") from None
-    return overrides
+        node[path[-1]] = _yaml_value(raw, f"environment: {name}") if raw != "" else None
+        origins[path] = name
+    return overrides, origins
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -772,7 +899,10 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def _format_error(source: str, error: ValidationError,
+                  origins: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """One line: the file and the key; the variable instead of the file when the value came
+    from the environment, and beside it when a check across keys involved one."""
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = _one_line(first["msg"].removeprefix("Value error, "))
@@ -780,6 +910,13 @@ def _format_error(source: str, error: ValidationError) -> str:
         message = "unknown key"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more)" if more else ""
+    loc = tuple(str(part) for part in first["loc"])
+    for path, name in (origins or {}).items():
+        if loc[:len(path)] == path:
+            return f"environment: {name}: {key}: {message}{suffix}"
+    involved = [name for path, name in (origins or {}).items() if path[:len(loc)] == loc]
+    if involved:
+        suffix += f" (with {', '.join(involved)} from the environment)"
     return f"{source}: {key}: {message}{suffix}"
 
 
@@ -790,12 +927,12 @@ def from_mapping(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Validate a mapping (parsed YAML); environment, then ``overrides`` (flags), win over it."""
-    merged = _merge(dict(data), _env_overrides(os.environ if environ is None else environ))
-    merged = _merge(merged, overrides or {})
+    env, origins = _env_overrides(os.environ if environ is None else environ)
+    merged = _merge(_merge(dict(data), env), overrides or {})
     try:
         return Config.model_validate(merged, context={CHECK_FILES: True})
     except ValidationError as error:
-        raise ConfigError(_format_error(source, error)) from None
+        raise ConfigError(_format_error(source, error, origins)) from None
 
 
 def load(
@@ -810,21 +947,76 @@ def load(
     return from_mapping(data, str(path), environ, overrides)
 
 
-def _read_mapping(path: Path, without: str) -> dict[str, Any]:
-    """The YAML mapping in ``path``; ConfigError naming the file when it is anything else."""
-    source = str(path)
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(f"line {line}: duplicate key {str(key)!r} (the last one would "
+                         "silently win)")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently). Keys merged in with ``<<`` may be given again: that is what merging is for."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    again = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: refused below
+                    continue
+                if again:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep)  # type: ignore[arg-type]
+        return mapping
+
+
+def _yaml_value(text: str, source: str) -> Any:
+    """``text`` parsed as YAML; ConfigError starting with ``source`` when it is not YAML, gives
+    a key twice, or nests deeper than the parser's recursion allows."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: not a UTF-8 text file") from None
-    try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+    except _DuplicateKey as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}: not valid YAML{where}") from None
+
+
+def _read_text(path: Path) -> str:
+    """The text of a regular file of at most :data:`MAX_FILE_BYTES`; ConfigError naming it for
+    anything else (a FIFO would block ``check-config`` until something writes to it)."""
+    source = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{source}: not a regular file")
+        try:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: larger than 1 MiB; not a configuration file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a UTF-8 text file") from None
+
+
+def _read_mapping(path: Path, without: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError naming the file when it is anything else."""
+    source = str(path)
+    data = _yaml_value(_read_text(path), source)
     if data is None:
         # Nothing but comments (or nothing at all): most likely a mount or template that went
         # wrong, so not taken to mean the defaults (``without`` says how to get those).

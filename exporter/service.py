@@ -9,10 +9,12 @@ import gc
 import logging
 import math
 import signal
+import socket
 import ssl
 import sys
 import threading
-from http.server import ThreadingHTTPServer
+from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 
 from exporter import catalog, upstream, web
@@ -95,28 +97,15 @@ class Service:
         # this process serves them). Kept with the scrape process too: answers decoded at once
         # only take turns on the interpreter lock anyway, and are held at once. At 104k series
         # without it, cycles took 2.1 s instead of 1.4 to 1.5 and peak RSS was 360 MiB, not 300.
-        cpu = threading.Lock()
-        self.client = upstream.PrometheusClient(
-            cfg.upstream, on_request=self.metrics.observe_request, cpu=cpu
-        )
+        self._cpu = threading.Lock()
         #: Set at the end of each cycle: the relay sends the scrape process the new snapshot.
         self._cycle_done = threading.Event()
-        self.worker = Worker(cfg, self.client, self.publisher, self.metrics, cpu=cpu,
-                             on_cycle_end=self._cycle_done.set)
-        served = cfg.web.served()
-        tls = served.tls_server_config
-        self.tls: web.TLSFiles | None = None
-        if tls is not None and tls.cert_file is not None and tls.key_file is not None:
-            try:
-                self.tls = web.TLSFiles(
-                    tls.cert_file, tls.key_file, client_ca=tls.client_ca_file,
-                    verify=tls.verify_mode,
-                    versions=(TLS_VERSIONS[tls.min_version], TLS_VERSIONS[tls.max_version]))
-            except (OSError, ssl.SSLError) as error:
-                raise ConfigError(
-                    f"{tls.cert_file}: cannot load the TLS certificate: {error}") from None
-        self._users = dict(served.basic_auth_users)
-        self._server: ThreadingHTTPServer | None = None
+        self.client, self.worker, self.tls, self._users = self._build(cfg)
+        self._server: web.Server | None = None
+        self._app: web.App | None = None
+        #: The listening socket, kept to start a scrape process on (at hand-over, or again at
+        #: a reload); the server thread serves a copy of it.
+        self._listener: socket.socket | None = None
         self.scrapes: ScrapeProcess | None = None
         self._relay: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -125,21 +114,43 @@ class Service:
         self.failure = ""
         self._address: tuple[str, int] | None = None
 
+    def _build(self, cfg: Config) -> tuple[upstream.PrometheusClient, Worker,
+                                            web.TLSFiles | None, dict[str, str]]:
+        """What follows from ``cfg``: the client, the worker, the TLS files and the users
+        (ConfigError, having started nothing, when the TLS files do not load)."""
+        served = cfg.web.served()
+        tls = served.tls_server_config
+        files: web.TLSFiles | None = None
+        if tls is not None and tls.cert_file is not None and tls.key_file is not None:
+            try:
+                files = web.TLSFiles(
+                    tls.cert_file, tls.key_file, client_ca=tls.client_ca_file,
+                    verify=tls.verify_mode,
+                    versions=(TLS_VERSIONS[tls.min_version], TLS_VERSIONS[tls.max_version]))
+            except (OSError, ssl.SSLError) as error:
+                raise ConfigError(
+                    f"{tls.cert_file}: cannot load the TLS certificate: {error}") from None
+        client = upstream.PrometheusClient(
+            cfg.upstream, on_request=self.metrics.observe_request, cpu=self._cpu
+        )
+        worker = Worker(cfg, client, self.publisher, self.metrics, cpu=self._cpu,
+                        on_cycle_end=self._cycle_done.set)
+        return client, worker, files, dict(served.basic_auth_users)
+
     def start(self) -> None:
         """Listen first (so a busy port fails fast: OSError), then start the scrape process
         (:class:`ScrapeProcessError` if it does not) or the server thread, then cycling."""
         host, port = self.cfg.web.host_port
-        sock = web.listen(host, port)
+        sock = self._listener = web.listen(host, port)
         self._address = (str(sock.getsockname()[0]), int(sock.getsockname()[1]))
         mode = self.cfg.web.scrape_process
         if mode is True:
-            with sock:  # the child has its own copy
-                self.scrapes = ScrapeProcess(sock, self._settings())
+            self.scrapes = ScrapeProcess(sock, self._settings())
         else:
             # Built only where it checks passwords: it hashes a dummy one (a bcrypt round).
             auth = web.BasicAuth(self._users) if self._users else None
-            app = web.App(InProcess(self.publisher, self.metrics), auth)
-            self._server = web.serve_socket(app, sock, tls=self.tls)
+            self._app = web.App(InProcess(self.publisher, self.metrics), auth)
+            self._server = web.serve_socket(self._app, sock.dup(), tls=self.tls)
         if mode is not False:
             self._relay = threading.Thread(target=self._relay_updates, name="relay",
                                            daemon=True)
@@ -179,6 +190,8 @@ class Service:
                 except OSError:
                     if self._stopping.is_set():
                         return
+                    if scrapes is not self.scrapes:  # replaced by a reload meanwhile
+                        continue
                     code = scrapes.exit_code()
                     self.failure = f"the scrape process exited (code {code}): /metrics is down"
                     self.failed.set()
@@ -195,18 +208,19 @@ class Service:
         snapshot = self.publisher.snapshot
         series = snapshot.series
         server = self._server
-        if series <= self.scrape_process_above or server is None:
+        if series <= self.scrape_process_above or server is None or self._listener is None:
             return None
         try:
-            self.scrapes = ScrapeProcess(server.socket, self._settings(),
+            self.scrapes = ScrapeProcess(self._listener, self._settings(),
                                          (snapshot, self.metrics.counters_body()))
         except ScrapeProcessError as error:
             log.error("%s; this process keeps answering scrapes", error)
             self.scrape_process_above = math.inf  # once is enough
             return None
         server.shutdown()
-        server.server_close()  # the child holds its own copy of the socket
+        server.server_close()  # its copy of the socket; the child holds its own
         self._server = None
+        self._app = None
         log.info("a cycle published %d series (more than %g): scrapes are answered by the "
                  "scrape process (pid %d) from now on", series, self.scrape_process_above,
                  self.scrapes.pid)
@@ -241,22 +255,95 @@ class Service:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self.client.close()
         return idle
 
+    def reload(self, cfg: Config) -> list[str]:
+        """Run from now on with ``cfg``: another upstream, evaluation, selectors, TLS files or
+        users take effect (a new client and worker; the scrape process, if any, restarted on
+        the same socket), while the published figures and the self-metrics carry on. The
+        listen address and the scrape process mode cannot change while serving: the keys
+        that would change them are returned (and not applied). ConfigError, with nothing
+        changed, when the TLS files do not load."""
+        lasting = [f"web.{key}" for key in ("listen_address", "scrape_process")
+                   if getattr(cfg.web, key) != getattr(self.cfg.web, key)]
+        client, worker, tls, users = self._build(cfg)
+        staleness = cfg.evaluation.staleness_bound
+        cfg = cfg.model_copy(update={"web": cfg.web.model_copy(update={
+            "listen_address": self.cfg.web.listen_address,
+            "scrape_process": self.cfg.web.scrape_process})})
+        old_scrapes = self.scrapes
+        if old_scrapes is not None and self._listener is not None:
+            # Its TLS files, users and staleness bound are settings it reads at start: a new
+            # one on the same socket, then the old one goes (ScrapeProcessError: nothing
+            # changed).
+            settings = replace(self._settings(), staleness=staleness,
+                               tls=None if tls is None else TLSSettings.of(tls), users=users)
+            try:
+                self.scrapes = ScrapeProcess(self._listener, settings, (
+                    self.publisher.snapshot, self.metrics.counters_body()))
+            except ScrapeProcessError:
+                client.close()
+                raise
+            old_scrapes.stop()
+        old_client, old_worker = self.client, self.worker
+        if old_worker.stop(grace=0):
+            old_client.close()
+        else:
+            # A cycle in progress finishes (and publishes) on its own; its client is closed
+            # once it has.
+            bound = self.cfg.upstream.worst_case_seconds + 5
 
-def wait_for_signal(failed: threading.Event | None = None) -> None:
-    """Block until SIGTERM or SIGINT (Ctrl-C), or until ``failed`` is set."""
+            def close_after() -> None:
+                old_worker.stop(grace=bound)
+                old_client.close()
+
+            threading.Thread(target=close_after, name="reload", daemon=True).start()
+        self.cfg = cfg
+        self.client, self.worker, self.tls, self._users = client, worker, tls, users
+        self.publisher.staleness = staleness
+        if self._server is not None and self._app is not None:
+            self._app.auth = web.BasicAuth(users) if users else None
+            self._server.tls = tls
+        worker.start()
+        return lasting
+
+
+def catch_hangups() -> threading.Event:
+    """From now on SIGHUP sets the returned event instead of ending the process (its default);
+    :func:`wait_for_signal` acts on it."""
+    hangup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangup.set())
+    return hangup
+
+
+def wait_for_signal(failed: threading.Event | None = None,
+                    on_hangup: Callable[[], None] | None = None,
+                    hangup: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT (Ctrl-C), or until ``failed`` is set. With ``on_hangup``,
+    call it (in this thread) after each SIGHUP; ``hangup``: the event of
+    :func:`catch_hangups`, when SIGHUP was caught before (a SIGHUP during start-up then
+    counts)."""
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = [signal.SIGTERM, signal.SIGINT]
+    previous = {s: signal.signal(s, _stop) for s in signals}
+    if on_hangup is not None:
+        hangup = hangup or threading.Event()
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda s, f: hangup.set())
     try:
         while not stop.wait(0.5):
             if failed is not None and failed.is_set():
                 return
+            if on_hangup is not None and hangup is not None and hangup.is_set():
+                hangup.clear()
+                on_hangup()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -6,31 +6,35 @@ Optionally (an exporter-toolkit web configuration file, ``--web.config.file``, o
 the configuration) the endpoints are served over TLS, client certificates can be required, and
 /metrics and the landing page sit behind HTTP basic auth. /healthz and /readyz stay open: they
 tell nothing but "up" and "ready", and kubelet probes carry no credentials. Passwords are stored
-as bcrypt hashes, as exporter-toolkit stores them (:func:`bcrypt_hash`), or as pbkdf2-sha256
-hashes in passlib's format (:func:`hash_password`); a verified (user, password) is remembered
-(as an HMAC under a per-process key, never the password) so a scraper pays the hash once, not
-on every scrape.
+as bcrypt hashes, as exporter-toolkit stores them (:func:`bcrypt_hash`), and no other format:
+with two, unknown user names took as long as one of them and could be told apart from the
+other. A verified (user, password) is remembered (as an HMAC under a per-process key, never the
+password) so a scraper pays the hash once, not on every scrape.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
+import io
 import logging
 import os
 import re
 import secrets
+import selectors
 import socket
 import ssl
 import sys
 import threading
-from collections import OrderedDict
-from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import bcrypt
 
@@ -42,8 +46,18 @@ log = logging.getLogger(__name__)
 #: Seconds a client gets for the TLS handshake, and for each read or write after it.
 HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = 30.0
-#: Rounds :func:`hash_password` uses (OWASP's 2023 figure for PBKDF2-HMAC-SHA256).
-DEFAULT_ROUNDS = 600_000
+#: Seconds a connection may stay silent before its request starts; then it is closed. Until its
+#: first byte it waits without a thread.
+IDLE_TIMEOUT = 5.0
+#: Seconds a request's line and headers get from its first byte (a client trickling them, a
+#: "slowloris", frees its thread then).
+REQUEST_TIMEOUT = 10.0
+#: Threads answering requests, at most; requests beyond wait for one (50 scrapers at once
+#: fit, as the load benchmark runs them).
+MAX_THREADS = 64
+#: Connections held while they wait for their first byte, at most; beyond, the one waiting
+#: longest is closed.
+MAX_WAITING = 512
 #: The cost :func:`bcrypt_hash` uses: Python bcrypt's default, as exporter-toolkit's docs make
 #: their hashes with it (2^12 rounds, about a quarter of a second).
 DEFAULT_COST = 12
@@ -52,13 +66,6 @@ BCRYPT_MAX_BYTES = 72
 _REALM = 'Basic realm="triton-mig-exporter", charset="UTF-8"'
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
-#: A password hash for basic auth, in passlib's pbkdf2-sha256 format:
-#: ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>``, salt and checksum in "adapted base64" (``./``
-#: instead of ``+/``, no padding). ``triton-mig-exporter hash-password --algorithm
-#: pbkdf2-sha256`` makes one.
-PASSWORD_HASH = re.compile(
-    r"^\$pbkdf2-sha256\$([1-9][0-9]{0,9})\$([./A-Za-z0-9]{4,})\$([./A-Za-z0-9]{43})$"
-)
 #: A bcrypt hash, as exporter-toolkit takes them: ``$2y$`` (htpasswd -B), ``$2b$`` (Python's
 #: bcrypt, ``triton-mig-exporter hash-password``) or ``$2a$``; the cost (4 to 31), then 22
 #: characters of salt and 31 of checksum.
@@ -74,28 +81,6 @@ _LANDING = """<html><head><title>triton-mig-exporter</title></head><body>
 # --- passwords ----------------------------------------------------------------------------------
 
 
-def _ab64_encode(raw: bytes) -> str:
-    """passlib's "adapted base64": standard base64 with ``.`` for ``+``, no padding."""
-    return base64.b64encode(raw).decode("ascii").rstrip("=").replace("+", ".")
-
-
-def _ab64_decode(text: str) -> bytes:
-    padded = text.replace(".", "+") + "=" * (-len(text) % 4)
-    return base64.b64decode(padded, validate=True)
-
-
-def hash_password(password: str, rounds: int = DEFAULT_ROUNDS, salt: bytes | None = None) -> str:
-    """A ``$pbkdf2-sha256$<rounds>$<salt>$<checksum>`` hash for ``web.basic_auth_users``.
-
-    The same format as passlib's ``pbkdf2_sha256.hash``; from a shell::
-
-        triton-mig-exporter hash-password --algorithm pbkdf2-sha256
-    """
-    salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)
-    return f"$pbkdf2-sha256${rounds}${_ab64_encode(salt)}${_ab64_encode(digest)}"
-
-
 def bcrypt_hash(password: str, cost: int = DEFAULT_COST) -> str:
     """A ``$2b$<cost>$...`` bcrypt hash for ``basic_auth_users``: what exporter-toolkit takes.
 
@@ -107,46 +92,39 @@ def bcrypt_hash(password: str, cost: int = DEFAULT_COST) -> str:
     return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=cost)).decode("ascii")
 
 
-def _dummy_like(hashed: str) -> str:
-    """A hash of a random password at the cost of ``hashed``: unknown users are checked
-    against it, so they take as long as known ones."""
-    cost = BCRYPT_HASH.match(hashed)
-    if cost:
-        return bcrypt_hash(secrets.token_hex(8), int(cost.group(1)))
-    rounds = PASSWORD_HASH.match(hashed)
-    return hash_password(secrets.token_hex(8), int(rounds.group(1)) if rounds else 1)
+def bcrypt_cost(hashed: str) -> int:
+    """The cost of a bcrypt hash (ValueError for anything else)."""
+    match = BCRYPT_HASH.match(hashed)
+    if match is None:
+        raise ValueError("not a bcrypt ($2y$, $2b$, $2a$) password hash")
+    return int(match.group(1))
 
 
 def verify_password(password: str, hashed: str) -> bool:
-    """Whether ``password`` matches ``hashed``, a bcrypt or pbkdf2-sha256 hash."""
-    if BCRYPT_HASH.match(hashed):
-        raw = password.encode("utf-8")
-        # Python's bcrypt refuses a longer password; Go's used to read its first 72 bytes. A
-        # password of 73 bytes and more never matches.
-        return len(raw) <= BCRYPT_MAX_BYTES and bcrypt.checkpw(raw, hashed.encode("ascii"))
-    match = PASSWORD_HASH.match(hashed)
-    if match is None:
+    """Whether ``password`` matches ``hashed``, a bcrypt hash (False for anything else)."""
+    if not BCRYPT_HASH.match(hashed):
         return False
-    try:
-        salt, expected = _ab64_decode(match.group(2)), _ab64_decode(match.group(3))
-    except (binascii.Error, ValueError):
-        return False
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, int(match.group(1)))
-    return hmac.compare_digest(digest, expected)
+    raw = password.encode("utf-8")
+    # Python's bcrypt refuses a longer password; Go's used to read its first 72 bytes. A
+    # password of 73 bytes and more never matches.
+    return len(raw) <= BCRYPT_MAX_BYTES and bcrypt.checkpw(raw, hashed.encode("ascii"))
 
 
 class BasicAuth:
-    """Checks ``Authorization: Basic`` headers against ``users`` (user name -> hash)."""
+    """Checks ``Authorization: Basic`` headers against ``users`` (user name -> bcrypt hash;
+    ValueError for anything else)."""
 
     CACHE_SIZE = 256
 
     def __init__(self, users: Mapping[str, str]) -> None:
         self._users = dict(users)
+        costs = [bcrypt_cost(hashed) for hashed in self._users.values()]
         self._key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
-        # Unknown users are checked against this, so they take as long as known ones.
-        self._dummy = _dummy_like(next(iter(self._users.values()), ""))
+        # Unknown users are checked against this, as costly as the costliest user's hash, so
+        # an unknown name never answers faster than a known one.
+        self._dummy = bcrypt_hash(secrets.token_hex(8), max(costs, default=DEFAULT_COST))
 
     def __call__(self, header: str | None) -> bool:
         if not header or header[:6].lower() != "basic ":
@@ -234,6 +212,33 @@ class TLSFiles:
 
 # --- HTTP ---------------------------------------------------------------------------------------
 
+_QVALUE = re.compile(r"^(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)$")
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` header asks for gzip (RFC 9110, section 12.5.3): gzip (or
+    x-gzip) named with a weight above 0, or, when it is not named, ``*`` with one. A weight that
+    is not a qvalue makes its coding unacceptable."""
+    named: float | None = None
+    anything: float | None = None
+    for part in (header or "").split(","):
+        coding, *params = (piece.strip() for piece in part.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                value = value.strip()
+                weight = float(value) if _QVALUE.match(value) else 0.0
+        coding = coding.lower()
+        if coding in ("gzip", "x-gzip"):
+            named = weight if named is None else max(named, weight)
+        elif coding == "*":
+            anything = weight
+    if named is not None:
+        return named > 0
+    return anything is not None and anything > 0
+
+
 
 class Source(Protocol):
     """What the endpoints read: the /metrics body in parts, and readiness."""
@@ -275,10 +280,56 @@ class App:
         return self.auth is None or path in _OPEN_PATHS or self.auth(authorization)
 
 
+class _RequestReader(io.RawIOBase):
+    """A connection's reads. While :attr:`deadline` is set (the request line and headers, from
+    the moment the first byte could be read), a read gets only the time left until it, so
+    trickling them holds a thread no longer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            # Past it, only what has arrived already is read: a request that waited for a
+            # thread is still answered, a client trickling its headers is not waited for.
+            left = self.deadline - time.monotonic()
+            self._sock.settimeout(min(max(left, 0.0), IO_TIMEOUT))
+            try:
+                return self._sock.recv_into(buffer)
+            except BlockingIOError:
+                raise TimeoutError("the request line and headers took too long") from None
+        return self._sock.recv_into(buffer)
+
+
 def _handler(app: App) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"triton-mig-exporter/{__version__}"
         timeout = IO_TIMEOUT  # a client that stalls mid-request frees its thread
+        _reader: _RequestReader
+        _head = False
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the socket's own file, replaced by one with a deadline
+            self._reader = _RequestReader(self.connection)
+            began: float = cast("Server", self.server).began.at
+            self._reader.deadline = began + REQUEST_TIMEOUT
+            self.rfile = io.BufferedReader(self._reader)
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # the line and the headers are in
+            self._reader.deadline = None
+            self.connection.settimeout(IO_TIMEOUT)
+            return parsed
+
+        def do_HEAD(self) -> None:
+            self._head = True
+            self.do_GET()
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -286,9 +337,9 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self._send(401, b"unauthorized\n", "text/plain",
                            extra={"WWW-Authenticate": _REALM})
             elif path == "/metrics":
-                gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+                gzipped = accepts_gzip(self.headers.get("Accept-Encoding"))
                 parts = app.source.metrics_parts(gzipped)
-                body = parts if app.write_parts else [b"".join(parts)]
+                body = parts if app.write_parts or self._head else [b"".join(parts)]
                 self._send(200, body, CONTENT_TYPE, "gzip" if gzipped else None)
             elif path == "/healthz":
                 if app.source.alive():
@@ -318,8 +369,9 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             self.send_header("Content-Length", str(sum(map(len, parts))))
             self.end_headers()
-            for part in parts:
-                self.wfile.write(part)
+            if not self._head:
+                for part in parts:
+                    self.wfile.write(part)
 
         def log_message(self, format: str, *args: object) -> None:
             log.debug("%s %s", self.address_string(), format % args)
@@ -327,12 +379,156 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Pool:
+    """At most ``limit`` daemon threads running ``run`` on the items submitted, started as they
+    are needed and ended after a minute without work. Daemon threads, as socketserver's: a
+    client that stalls mid-answer never holds the process open."""
+
+    IDLE_EXIT = 60.0
+
+    def __init__(self, limit: int, run: Callable[[Any], None]) -> None:
+        self.limit = limit
+        self._run = run
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._idle:
+                self._wake.notify()
+            elif self._threads < self.limit:
+                self._threads += 1
+                threading.Thread(target=self._work, name="http", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._items:
+                    self._idle += 1
+                    woken = self._wake.wait(self.IDLE_EXIT)
+                    self._idle -= 1
+                    if not woken and not self._items:
+                        self._threads -= 1
+                        return
+                item = self._items.popleft()
+            self._run(item)
+
+
+class _Waiting:
+    """Accepted connections waiting for their first byte, in one thread: each is handed to
+    ``ready`` once it can be read (the request has begun, or the client hung up), and closed
+    with ``drop`` once it has waited :data:`IDLE_TIMEOUT`, or when more than
+    :data:`MAX_WAITING` wait (the longest waiting first)."""
+
+    def __init__(self, ready: Callable[[Any, Any], None], drop: Callable[[Any], None]) -> None:
+        self._ready, self._drop = ready, drop
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        for end in (self._wake_read, self._wake_write):
+            end.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._new: deque[tuple[Any, Any]] = deque()
+        #: connection -> (client address, when it is closed), longest waiting first.
+        self._held: OrderedDict[Any, tuple[Any, float]] = OrderedDict()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="http-waiting", daemon=True)
+        self._thread.start()
+
+    def add(self, connection: Any, address: Any) -> None:
+        """From the accepting thread."""
+        self._new.append((connection, address))
+        with contextlib.suppress(OSError):  # full: a wake-up is already pending
+            self._wake_write.send(b"\0")
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        try:
+            while not self._closed:
+                self._take_new()
+                now = time.monotonic()
+                while self._held:
+                    oldest = next(iter(self._held))
+                    if self._held[oldest][1] > now:
+                        break
+                    self._let_go(oldest, ready=False)
+                timeout = (next(iter(self._held.values()))[1] - now) if self._held else None
+                for key, _ in self._selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(OSError):
+                            while self._wake_read.recv(4096):
+                                pass
+                    elif key.fileobj in self._held:
+                        self._let_go(key.fileobj, ready=True)
+        finally:
+            for connection in list(self._held):
+                self._let_go(connection, ready=False)
+            self._selector.close()
+            self._wake_read.close()
+            self._wake_write.close()
+
+    def _take_new(self) -> None:
+        while self._new:
+            connection, address = self._new.popleft()
+            try:
+                self._selector.register(connection, selectors.EVENT_READ, address)
+            except (OSError, ValueError):  # closed already
+                self._drop(connection)
+                continue
+            self._held[connection] = (address, time.monotonic() + IDLE_TIMEOUT)
+            while len(self._held) > MAX_WAITING:
+                self._let_go(next(iter(self._held)), ready=False)
+
+    def _let_go(self, connection: Any, ready: bool) -> None:
+        address, _ = self._held.pop(connection)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self._selector.unregister(connection)
+        if ready:
+            self._ready(connection, address)
+        else:
+            self._drop(connection)
+
+
+class Server(HTTPServer):
+    """An HTTP server whose connections wait for their first byte without a thread
+    (:class:`_Waiting`) and are then answered by at most :data:`MAX_THREADS` threads
+    (:class:`_Pool`)."""
+
     #: The listen backlog. socketserver's default of 5 drops the connections of a burst of
     #: scrapers beyond it, and their clients wait out SYN retransmits (1 s, 3 s, 7 s, ...).
     request_queue_size = socket.SOMAXCONN
     tls: TLSFiles | None = None
+
+    def start_workers(self) -> None:
+        #: Per answering thread: when its connection's first byte could be read (``at``).
+        self.began = threading.local()
+        self._pool = _Pool(MAX_THREADS, self._answer)
+        self._waiting = _Waiting(
+            lambda c, a: self._pool.submit((c, a, time.monotonic())), self.shutdown_request)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._waiting.add(request, client_address)
+
+    def _answer(self, item: tuple[Any, Any, float]) -> None:
+        request, client_address, self.began.at = item
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._waiting.close()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """In the connection's own thread: the TLS handshake (so a client that never finishes
@@ -358,7 +554,7 @@ class _Server(ThreadingHTTPServer):
                   type(error).__name__, error)
 
 
-class _Server6(_Server):
+class Server6(Server):
     address_family = socket.AF_INET6
 
 
@@ -369,7 +565,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(_Server.request_queue_size)
+        sock.listen(Server.request_queue_size)
     except OSError:
         sock.close()
         raise
@@ -377,20 +573,21 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve_socket(app: App, sock: socket.socket, *, tls: TLSFiles | None = None
-                 ) -> ThreadingHTTPServer:
+                 ) -> Server:
     """Serve ``app`` on a listening socket in a daemon thread; the caller shuts the returned
     server down (which closes the socket)."""
-    server_class = _Server6 if sock.family == socket.AF_INET6 else _Server
+    server_class = Server6 if sock.family == socket.AF_INET6 else Server
     server = server_class(sock.getsockname()[:2], _handler(app), bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     server.server_address = sock.getsockname()
     server.tls = tls
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    server.start_workers()
+    thread = threading.Thread(target=server.serve_forever, name="http-accept", daemon=True)
     thread.start()
     return server
 
 
-def serve(app: App, host: str, port: int, *, tls: TLSFiles | None = None) -> ThreadingHTTPServer:
+def serve(app: App, host: str, port: int, *, tls: TLSFiles | None = None) -> Server:
     """Start serving on ``host:port`` in a daemon thread (OSError when the port is taken)."""
     return serve_socket(app, listen(host, port), tls=tls)

@@ -9,6 +9,8 @@ the whole table runs in-process and a few rows also as real processes.
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -129,8 +131,11 @@ CASES = [
     Case("web certificate without key", "web: {tls_cert_file: '{dir}/cert.pem'}", "web",
          "set both tls_cert_file and tls_key_file, or neither"),
     Case("web password instead of its hash", "web: {basic_auth_users: {prom: hunter2}}",
-         "web.basic_auth_users", "is not a bcrypt ($2y$, $2b$, $2a$) or $pbkdf2-sha256$ password "
-         "hash", secret="hunter2"),
+         "web.basic_auth_users", "is not a bcrypt ($2y$, $2b$, $2a$) password hash",
+         secret="hunter2"),
+    Case("web pbkdf2 hash", "web: {basic_auth_users: {prom: '$pbkdf2-sha256$1000$c2FsdA$"
+         + "A" * 43 + "'}}", "web.basic_auth_users", "is a pbkdf2-sha256 hash, which is no "
+         "longer accepted: re-hash the password with bcrypt (triton-mig-exporter hash-password)"),
     Case("web config file and web TLS keys",
          "web: {config_file: '{dir}/web.yml', tls_cert_file: c.pem, tls_key_file: k.pem}", "web",
          "set config_file (--web.config.file) or tls_cert_file, tls_key_file and "
@@ -168,12 +173,26 @@ CASES = [
              "'TLS13'"),
     web_case("password instead of its hash", "basic_auth_users: {prom: hunter2}",
              "basic_auth_users", "the value for user 'prom' is not a bcrypt", secret="hunter2"),
+    web_case("pbkdf2 hash", "basic_auth_users: {prom: '$pbkdf2-sha256$1000$c2FsdA$"
+             + "A" * 43 + "'}", "basic_auth_users", "the value for user 'prom' is a "
+             "pbkdf2-sha256 hash, which is no longer accepted: re-hash the password with bcrypt"),
     web_case("not YAML", "basic_auth_users: [", "not valid YAML", "at line"),
     Case("empty file", "", "(top level)", "empty configuration file"),
     Case("only comments", "# upstream: {url: 'http://prom:9090'}\n", "(top level)",
          "empty configuration file"),
     Case("not YAML", "upstream: [", "not valid YAML", "at line"),
     Case("not text", b"\xff\xfe\x00u\x00p", "not a UTF-8 text file", ""),
+    Case("duplicate key", "upstream:\n  url: http://a:9090\n  url: http://b:9090\n", "line 3",
+         "duplicate key 'url' (the last one would silently win)"),
+    Case("duplicate section", "web: {}\nupstream: {}\nweb: {listen_address: ':1'}\n", "line 3",
+         "duplicate key 'web'"),
+    Case("nested 5,000 deep", "upstream: " + "[" * 5000 + "]" * 5000 + "\n",
+         "not valid YAML", "nested too deeply"),
+    Case("nested 1,200 deep (block)", "".join(f"{' ' * i}k{i}:\n" for i in range(1200)),
+         "not valid YAML", "nested too deeply"),
+    Case("over a mebibyte", "# " + "x" * (1 << 20) + "\n", "larger than 1 MiB", ""),
+    web_case("duplicate user", "basic_auth_users:\n  prom: a\n  prom: b\n", "line 3",
+             "duplicate key 'prom'"),
 ]
 
 
@@ -197,7 +216,8 @@ def test_bad_config_is_one_line_naming_the_key_and_exit_2(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = case.write(tmp_path)
-    monkeypatch.setattr(cli, "wait_for_signal", lambda: None)  # an accepted file must not block
+    # An accepted file must not block.
+    monkeypatch.setattr(cli, "wait_for_signal", lambda *a, **k: None)
     code = cli.main([command, *case.args(path)])
     out, err = capsys.readouterr()
     check(case, path, code, out, err)
@@ -232,6 +252,63 @@ def test_credentials_and_header_values_lose_the_line_end_a_block_scalar_gives(
             "username": "u", "password": password}}}, environ={}).upstream.basic_auth
         assert auth is not None and auth.password is not None
         assert auth.password.get_secret_value() == password
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def test_a_fifo_as_the_configuration_file_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    for command in ("check-config", "serve"):
+        done = run(command, "--config.file", str(fifo), timeout=30)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr == f"error: {fifo}: not a regular file\n"
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_misspelled_environment_variable_stops_the_command_naming_it(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRITON_MIG_EXPORTER_UPSTREM__URL", "http://mimir:9009/prometheus")
+    monkeypatch.setattr(cli, "wait_for_signal", lambda *a, **k: None)
+    assert cli.main([command]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "error: environment: TRITON_MIG_EXPORTER_UPSTREM__URL: 'upstrem' is not a configuration "
+        "section (did you mean upstream?)\n")
+
+
+#: The issue's settings: interval 1 s, timeout 1 s, 2 retries, the default staleness (3 s).
+FLAPPING = "evaluation: {interval: 1s}\nupstream: {url: 'http://127.0.0.1:9', timeout: 1s}\n"
+
+
+def test_check_config_warns_when_a_cycle_can_outlast_the_staleness_bound(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(FLAPPING)
+    done = run("check-config", str(path))
+    assert done.returncode == 0 and done.stdout == f"{path}: ok\n"
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"warning: {path}: upstream: a cycle can take up to 5s ((retries + 1) "
+                           "x timeout and the waits between tries)"), line
+    assert "can be 6s old before a cycle renews them, over evaluation.staleness 3s" in line
+
+
+def test_serve_logs_the_warnings_of_its_configuration_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(FLAPPING + "web: {listen_address: '127.0.0.1:0'}\n")
+    monkeypatch.setattr(cli, "wait_for_signal", lambda *a, **k: None)
+    caplog.set_level(logging.WARNING)
+    assert cli.main(["serve", "--config.file", str(path)]) == 0
+    [warning] = [r.getMessage() for r in caplog.records if "a cycle can take" in r.getMessage()]
+    assert warning.startswith("upstream: a cycle can take up to 5s")
 
 
 def test_no_config_file_means_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,3 +143,206 @@ def test_bad_durations(text: object) -> None:
 def test_format_duration_round_trips() -> None:
     assert config.format_duration(120) == "120s"
     assert config.format_duration(0.25) == "250ms"
+
+
+# --- round two: YAML that is not a plain configuration, environment overrides, cycle bounds ---
+
+
+def one_line_error(path: Path, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, environ=environ or {})
+    line = str(caught.value)
+    assert "\n" not in line and len(line) < 400, line
+    return line
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+@pytest.mark.parametrize("kind", ["flow", "block"])
+def test_deeply_nested_yaml_is_one_line(tmp_path: Path, depth: int, kind: str) -> None:
+    path = tmp_path / "deep.yaml"
+    if kind == "flow":
+        path.write_text("upstream: " + "[" * depth + "]" * depth + "\n")
+    else:  # indented one more space a level: 1,200 levels fit in 1 MiB
+        path.write_text("".join(f"{' ' * i}k{i}:\n" for i in range(min(depth, 1_200))) + "\n")
+    assert one_line_error(path) == f"{path}: not valid YAML: nested too deeply"
+
+
+def test_a_fifo_as_the_configuration_file_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    outcome: list[str] = []
+    reader = threading.Thread(target=lambda: outcome.append(one_line_error(fifo)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # unblock the hung open() before failing
+        with open(fifo, "w"):
+            pass
+        reader.join(5)
+        pytest.fail("reading a FIFO hung")
+    assert outcome == [f"{fifo}: not a regular file"]
+    web = tmp_path / "web.yml"
+    os.mkfifo(web)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        config.load_web_config(web)
+    with pytest.raises(ConfigError, match=": not a regular file"):
+        config.load(Path("/dev/null"), environ={})
+
+
+def test_a_configuration_file_over_a_mebibyte_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("# " + "x" * (1 << 20) + "\n")
+    assert one_line_error(path) == f"{path}: larger than 1 MiB; not a configuration file"
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("upstream: {url: 'http://a:9090', url: 'http://b:9090'}\n", 1, "url"),
+    ("upstream:\n  url: http://a:9090\n  timeout: 5s\n  url: http://b:9090\n", 4, "url"),
+    ("evaluation: {interval: 30s}\nevaluation: {interval: 1m}\n", 2, "evaluation"),
+    ("web:\n  basic_auth_users:\n    prom: '$2b$04$x'\n    prom: '$2b$04$y'\n", 4, "prom"),
+    ("replica_labels: [a]\n'replica_labels': [b]\n", 2, "replica_labels"),
+    ("rules: {alert_labels: {1: a, 1: b}}\n", 1, "1"),
+])
+def test_duplicate_keys_are_refused_with_the_line_and_the_key(
+    tmp_path: Path, text: str, line: int, key: str
+) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    assert one_line_error(path) == (
+        f"{path}: line {line}: duplicate key {key!r} (the last one would silently win)")
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users: {a: x, a: y}\n")
+    with pytest.raises(ConfigError, match=r"web.yml: line 1: duplicate key 'a'"):
+        config.load_web_config(web)
+
+
+def test_merge_keys_may_be_overridden_without_being_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("upstream:\n  <<: {url: 'http://a:9090', timeout: 5s}\n  timeout: 7s\n")
+    cfg = config.load(path, environ={})
+    assert cfg.upstream.url == "http://a:9090" and cfg.upstream.timeout == 7
+
+
+EMPTY_KEY = ("an empty key (levels are separated by a double underscore: "
+             "TRITON_MIG_EXPORTER_UPSTREAM__URL)")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("TRITON_MIG_EXPORTER_UPSTREM__URL",
+     "'upstrem' is not a configuration section (did you mean upstream?)"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__URLL", "'urll' is not a key of upstream (did you mean url?)"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__TLS__CA", "'ca' is not a key of upstream.tls"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__URL__HOST", "upstream.url has no keys"),
+    ("TRITON_MIG_EXPORTER_EVALUATON__WINDOW",
+     "'evaluaton' is not a configuration section (did you mean evaluation?)"),
+    ("TRITON_MIG_EXPORTER_REPLICA_LABEL", "'replica_label' is not a configuration section "
+     "(did you mean replica_labels?)"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__", EMPTY_KEY),
+    ("TRITON_MIG_EXPORTER___URL", EMPTY_KEY),
+    ("TRITON_MIG_EXPORTER_UPSTREAM____URL", EMPTY_KEY),
+    ("triton_mig_exporter_web__listen_adress", "'listen_adress' is not a key of web "
+     "(did you mean listen_address?)"),
+])
+def test_a_misspelled_environment_variable_is_an_error_naming_it(name: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, environ={name: "http://mimir:9009"})
+    assert str(caught.value) == f"environment: {name}: {message}"
+
+
+def test_a_whole_section_or_a_mapping_key_from_the_environment() -> None:
+    cfg = config.load(None, environ={
+        "TRITON_MIG_EXPORTER_UPSTREAM": "{url: 'http://mimir:9009', timeout: 3s}",
+        "TRITON_MIG_EXPORTER_RULES__ALERT_LABELS__TEAM": "inference",
+    })
+    assert cfg.upstream.url == "http://mimir:9009" and cfg.upstream.timeout == 3
+    assert cfg.rules.alert_labels == {"team": "inference"}
+
+
+def test_our_variables_that_are_not_configuration_are_left_alone() -> None:
+    from exporter.lab import promserver
+
+    assert promserver.CACHE_ENV in config.OTHER_VARIABLES
+    assert config.load(None, environ={promserver.CACHE_ENV: "/x"}) == config.load(None, environ={})
+
+
+@pytest.mark.parametrize("name, raw, message", [
+    ("TRITON_MIG_EXPORTER_EVALUATION__WINDOW", "soon", "evaluation.window: expected a duration"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__RETRIES", "many", "upstream.retries: Input should be a "
+     "valid integer"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__URL", "ftp://x", "upstream.url: must be an http://"),
+    ("TRITON_MIG_EXPORTER_UPSTREAM__HEADERS", "[a, b]", "upstream.headers: Input should be a "
+     "valid dictionary"),
+    ("TRITON_MIG_EXPORTER_WEB__LISTEN_ADDRESS", "{a: 1, a: 2}",
+     "duplicate key 'a' (the last one would silently win)"),
+    ("TRITON_MIG_EXPORTER_REPLICA_LABELS", "[" * 5000 + "]" * 5000, "nested"),
+    ("TRITON_MIG_EXPORTER_DCGM__SLICE_LABELS", "[a, a]", "dcgm.slice_labels: labels must be "
+     "unique"),
+])
+def test_a_bad_environment_value_names_the_variable_not_the_file(
+    tmp_path: Path, name: str, raw: str, message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream: {url: 'http://a:9090'}\n")
+    line = one_line_error(path, {name: raw})
+    assert line.startswith(f"environment: {name}: "), line
+    assert message in line, line
+    assert str(path) not in line
+
+
+def test_a_check_across_keys_names_the_file_and_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluation: {scrape_interval: 30s}\n")
+    line = one_line_error(path, {"TRITON_MIG_EXPORTER_EVALUATION__WINDOW": "1m"})
+    assert line == (f"{path}: evaluation: window: 60s is under 4x the scrape_interval 30s; "
+                    "rate() needs several samples (with TRITON_MIG_EXPORTER_EVALUATION__WINDOW "
+                    "from the environment)")
+
+
+@pytest.mark.parametrize("timeout, retries, backoff, seconds", [
+    (10.0, 2, 0.5, 30 + 10 + 10),  # each wait: a Retry-After of up to one timeout
+    (1.0, 2, 0.5, 3 + 1 + 1),
+    (0.5, 1, 0.05, 1 + 1),  # a Retry-After is capped at max(1 s, timeout)
+    (2.0, 0, 0.5, 2),
+    # Backoffs 0, 1, 2, 4 (x 0.5 s), each capped at max(backoff, timeout) = 1 s, each at
+    # least a Retry-After's 1 s.
+    (1.0, 4, 0.5, 5 + 1 + 1 + 1 + 1),
+    (10.0, 3, 8.0, 40 + 10 + 10 + 10),  # backoffs 0, 16, 32: capped at 10
+])
+def test_the_worst_case_of_one_upstream_call(
+    timeout: float, retries: int, backoff: float, seconds: float
+) -> None:
+    assert config.worst_case_seconds(timeout, retries, backoff) == seconds
+    cfg = config.from_mapping({"upstream": {"timeout": timeout, "retries": retries,
+                                            "backoff": backoff}}, environ={})
+    assert cfg.upstream.worst_case_seconds == seconds
+
+
+def test_the_defaults_and_the_demo_are_outside_the_flapping_regime() -> None:
+    from exporter.lab import demo
+
+    assert config.load(None, environ={}).warnings() == []
+    assert config.load(ROOT / "config.yaml", environ={}).warnings() == []
+    for argv in ([], ["--interval", "1s", "--scrape-interval", "1s", "--window", "4s"],
+                 ["--interval", "2m"]):
+        parser = argparse.ArgumentParser()
+        demo.add_arguments(parser)
+        cfg = demo.demo_config("http://127.0.0.1:9090", parser.parse_args(argv))
+        assert cfg.warnings() == [], argv
+        up, ev = cfg.upstream, cfg.evaluation
+        assert up.worst_case_seconds + ev.interval <= ev.staleness_bound
+
+
+@pytest.mark.parametrize("evaluation, upstream", [
+    ({"interval": "1s"}, {"timeout": "1s", "retries": 2}),  # the issue's: 28 % of scrapes
+    ({"interval": "10s", "staleness": "30s"}, {"timeout": "10s", "retries": 2}),  # the old demo
+    ({"interval": "30s", "staleness": "60s"}, {}),
+])
+def test_a_cycle_that_can_outlast_the_staleness_bound_warns(
+    evaluation: dict[str, str], upstream: dict[str, Any]
+) -> None:
+    cfg = config.from_mapping({"evaluation": evaluation, "upstream": upstream}, environ={})
+    [warning] = cfg.warnings()
+    worst = cfg.upstream.worst_case_seconds
+    assert warning.startswith(
+        f"upstream: a cycle can take up to {worst:g}s ((retries + 1) x timeout and the waits "
+        "between tries)"), warning
+    assert f"evaluation.staleness {cfg.evaluation.staleness_bound:g}s" in warning, warning

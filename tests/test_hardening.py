@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import math
 import re
+import socket
 import statistics
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import requests
 from conftest import Stack, simulated_stack
 from fakes import (
     DERIVED,
@@ -47,6 +49,7 @@ from fakes import (
     encode,
     exporter_config,
     finish,
+    parse,
     payload,
     start_fake,
     start_serve,
@@ -1004,4 +1007,224 @@ def test_a_duplicated_replica_or_unlabelled_series_lower_the_drift_and_nothing_e
           f"fault throughout the window; after: {[round(c.drift or 0, 3) for c in after]}; "
           f"1 again {late:+.2f} s after the window was clean; other families within "
           f"{moved:.2%} of before; largest difference from Prometheus {largest:.2g}")
+    finish(serve)
+
+
+# --- round two: HTTP methods, encodings, connections ------------------------------------------
+
+SCRAPE_MODES = [pytest.param(False, id="one process"), pytest.param(True, id="scrape process")]
+
+
+def serving_pid(serve: Serve) -> int:
+    """The process answering scrapes: serve's, or its scrape process's."""
+    children = Path(f"/proc/{serve.proc.pid}/task/{serve.proc.pid}/children").read_text().split()
+    return int(children[0]) if children else serve.proc.pid
+
+
+def threads(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def serve_for_http(cleanup: contextlib.ExitStack, tmp_path: Path, scrape_process: bool) -> Serve:
+    fake = start_fake(cleanup)
+    cfg = exporter_config(fake.url)
+    cfg["web"]["scrape_process"] = scrape_process
+    serve = start_serve(cleanup, cfg, tmp_path)
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    if scrape_process:
+        wait_for(lambda: serving_pid(serve) != serve.proc.pid, 10, what="the scrape process")
+    return serve
+
+
+@pytest.mark.parametrize("scrape_process", SCRAPE_MODES)
+def test_head_answers_what_get_would_without_the_body(
+    scrape_process: bool, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    serve = serve_for_http(cleanup, tmp_path, scrape_process)
+    for path, status in (("/metrics", 200), ("/healthz", 200), ("/readyz", 200), ("/", 200),
+                         ("/nothing", 404)):
+        head = requests.head(serve.url + path, timeout=5)
+        get = requests.get(serve.url + path, timeout=5, headers={"Accept-Encoding": "identity"})
+        assert head.status_code == get.status_code == status, path
+        assert head.content == b""
+        assert head.headers["Content-Type"] == get.headers["Content-Type"], path
+        assert int(head.headers["Content-Length"]) > 0
+        if path != "/metrics":  # the self-metrics change between two requests
+            assert head.headers["Content-Length"] == get.headers["Content-Length"], path
+    head = requests.head(serve.url + "/metrics", timeout=5, headers={"Accept-Encoding": "gzip"})
+    assert head.headers["Content-Encoding"] == "gzip"
+    assert serve.proc.poll() is None
+    finish(serve)
+
+
+#: Accept-Encoding values, and whether each asks for gzip (RFC 9110, section 12.5.3).
+ACCEPT_ENCODING = [
+    ("gzip", True), ("GZIP", True), ("gzip;q=0.5", True), ("gzip; q=1.0", True),
+    ("x-gzip", True), ("*", True), ("br;q=1, *;q=0.1", True), ("identity;q=0, gzip", True),
+    ("gzip;q=0", False), ("gzip;q=0.0", False), ("gzip; q=0.000", False),
+    ("br, gzip;q=0", False), ("gzip;q=0, *", False), ("*;q=0", False), ("identity", False),
+    ("deflate, br", False), ("gzipped", False), ("nogzip", False), ("", False),
+    ("gzip;q=2", False), ("gzip;q=nan", False), ("gzip;q=-1", False), ("gzip;q=0.0001", False),
+]
+
+
+@pytest.mark.parametrize("header, gzipped", ACCEPT_ENCODING)
+def test_accept_encoding_is_read_with_its_weights(header: str, gzipped: bool) -> None:
+    from exporter import web
+
+    assert web.accepts_gzip(header) is gzipped
+
+
+def test_gzip_with_weight_zero_gets_plain_text_from_serve(
+    cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    serve = serve_for_http(cleanup, tmp_path, False)
+    for header, gzipped in ACCEPT_ENCODING:
+        response = requests.get(serve.url + "/metrics", timeout=5, stream=True,
+                                headers={"Accept-Encoding": header})
+        raw = response.raw.read()
+        assert (response.headers.get("Content-Encoding") == "gzip") is gzipped, header
+        assert raw.startswith(b"\x1f\x8b") is gzipped, header
+    finish(serve)
+
+
+def scrape_seconds(serve: Serve) -> float:
+    started = time.monotonic()
+    assert requests.get(serve.url + "/metrics", timeout=30).status_code == 200
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("scrape_process", SCRAPE_MODES)
+def test_idle_and_slow_connections_take_no_thread_each_and_are_closed(
+    scrape_process: bool, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """1,000 idle sockets made 1,011 threads, and a client trickling its headers kept one for
+    ever: idle connections now wait without a thread and are closed after IDLE_TIMEOUT, at
+    most MAX_WAITING of them are held, requests are answered by at most MAX_THREADS threads,
+    and a request's line and headers must arrive within REQUEST_TIMEOUT."""
+    from exporter import web
+
+    serve = serve_for_http(cleanup, tmp_path, scrape_process)
+    pid = serving_pid(serve)
+    host, port = serve.url.removeprefix("http://").rsplit(":", 1)
+    before = threads(pid)
+
+    idle = []
+    for _ in range(1000):
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        cleanup.callback(sock.close)
+        idle.append(sock)
+    time.sleep(0.5)
+    assert threads(pid) <= before + 2, (before, threads(pid))
+    assert scrape_seconds(serve) < 1.0  # a scraper gets through at once
+    # Held: at most MAX_WAITING; the longest waiting were closed to make room.
+    closed = sum(1 for sock in idle if hang_up_seen(sock))
+    assert closed >= len(idle) - web.MAX_WAITING, closed
+
+    slow = []
+    for _ in range(web.MAX_THREADS + 36):
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        cleanup.callback(sock.close)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and the rest never comes
+        slow.append(sock)
+    time.sleep(1.0)
+    peak = threads(pid)
+    assert peak <= before + web.MAX_THREADS + 2, (before, peak)
+    started = time.monotonic()
+    # Every thread is held by a slow client: a scrape waits until their time is up.
+    assert scrape_seconds(serve) <= web.REQUEST_TIMEOUT + 2.0
+    for sock in slow:
+        wait_for(lambda sock=sock: hang_up_seen(sock), web.REQUEST_TIMEOUT + 5,
+                 what="slow clients cut off")
+    cut = time.monotonic() - started
+    assert cut <= web.REQUEST_TIMEOUT + 3.0, cut
+    for sock in idle:
+        wait_for(lambda sock=sock: hang_up_seen(sock), web.IDLE_TIMEOUT + 5,
+                 what="idle connections closed")
+    assert scrape_seconds(serve) < 1.0
+    assert serve.proc.poll() is None
+    print(f"\nthreads {before} before, +{peak - before} with {len(slow)} slow clients; "
+          f"slow clients cut after {cut:.1f} s")
+    finish(serve)
+
+
+def hang_up_seen(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (what it sent before, an error page, is skipped)."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+# --- round two: SIGHUP ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scrape_process", SCRAPE_MODES)
+def test_sighup_reloads_the_configuration_and_keeps_serving(
+    scrape_process: bool, cleanup: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """SIGHUP killed serve at once with no log line (and systemd's Restart=on-failure did not
+    restart it). It now reloads the configuration, as Prometheus does: a good file takes
+    effect (another upstream, basic auth, a staleness bound), a bad one is logged and the
+    running configuration kept; what cannot change while serving (the listen address, the
+    scrape process mode) says so."""
+    import signal
+
+    import yaml
+
+    from exporter.web import bcrypt_hash
+
+    first, second = start_fake(cleanup), start_fake(cleanup)
+    cfg = exporter_config(first.url)
+    cfg["web"]["scrape_process"] = scrape_process
+    serve = start_serve(cleanup, cfg, tmp_path)
+    path = tmp_path / "exporter.yaml"
+    serve.until(lambda s: FLEET_RATE in s, 10, "derived figures")
+    pid = serving_pid(serve)
+
+    def hangup(what: str) -> str:
+        logged = len(serve.lines)
+        serve.proc.send_signal(signal.SIGHUP)
+        return wait_for(lambda: next((x for x in serve.lines[logged:] if what in x), None), 10,
+                        what=what)
+
+    # A good file: another upstream, basic auth on /metrics.
+    cfg["upstream"]["url"] = second.url
+    cfg["web"]["basic_auth_users"] = {"prometheus": bcrypt_hash("s3cret", 4)}
+    path.write_text(yaml.safe_dump(cfg))
+    line = hangup("reloaded the configuration")
+    assert f"reloaded the configuration from {path}" in line, line
+    switched = time.monotonic()
+    wait_for(lambda: second.since(switched), 5, what="queries to the new upstream")
+    time.sleep(2 * INTERVAL)
+    assert not first.since(time.monotonic() - INTERVAL), "the old upstream is still queried"
+    assert serve.get("/metrics", auth=None).status_code == 401
+    s = parse(serve.get("/metrics", auth=("prometheus", "s3cret")).text)
+    assert value(s, FLEET_RATE) == pytest.approx(second.fleet.rate)
+    assert serve.get("/healthz", auth=None).status_code == 200
+
+    # A bad file: one line naming it and the key; the running configuration stays.
+    path.write_text("upstream: {urll: 'http://x:9090'}\n")
+    line = hangup("keeping the running configuration")
+    assert " ERROR " in line and f"{path}: upstream.urll: unknown key" in line, line
+    assert serve.proc.poll() is None
+    assert serve.get("/metrics", auth=("prometheus", "s3cret")).status_code == 200
+    seen = time.monotonic()
+    wait_for(lambda: second.since(seen), 5, what="queries to the running upstream")
+
+    # What needs a restart says so, and the rest still applies.
+    cfg["web"]["listen_address"] = "127.0.0.1:1"
+    cfg["web"]["basic_auth_users"] = {}
+    path.write_text(yaml.safe_dump(cfg))
+    line = hangup("takes effect when serve restarts")
+    assert "web.listen_address" in line and " WARNING " in line, line
+    wait_for(lambda: serve.get("/metrics", auth=None).status_code == 200, 5,
+             what="basic auth off")
+    assert serving_pid(serve) == pid or scrape_process  # the scrape process was restarted
     finish(serve)

@@ -13,6 +13,10 @@ import itertools
 import json
 import math
 import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1011,6 +1015,262 @@ def test_command_without_the_report_extra_says_what_to_install(
                         lambda name, *a: None if name == "pyarrow" else real(name, *a))
     assert report.main_from_args(parse_args("--start", "now-1h")) == report.EXIT_UPSTREAM
     assert "pyarrow not installed" in capsys.readouterr().err
+
+# --- the command: bad input, limits, the estimate, the output folder ------------------------------
+
+
+class RecordingUpstream:
+    """A 127.0.0.1 server answering every range query with an empty matrix, counting them;
+    ``hold`` keeps each answer until it is set."""
+
+    def __init__(self) -> None:
+        body = (FIXTURES / "empty_matrix.json").read_bytes()
+        self.requests = 0
+        self.hold: threading.Event | None = None
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream.requests += 1
+                if upstream.hold is not None:
+                    upstream.hold.wait(30)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        if self.hold is not None:
+            self.hold.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def recording() -> Iterator[RecordingUpstream]:
+    upstream = RecordingUpstream()
+    try:
+        yield upstream
+    finally:
+        upstream.close()
+
+
+#: Times no upstream holds, each with what the one line says.
+BAD_TIMES = [
+    (["--start", "1e18", "--end", "1e18"], "'1e18' is not an instant between 1970"),
+    (["--start=-1e15"], "'-1e15' is not an instant between 1970"),
+    (["--start", "-1"], "'-1' is not an instant between 1970"),
+    (["--start", "1e400"], "is not a finite number"),
+    (["--start", "now-1h", "--end", "253402300800"], "'253402300800' is not an instant"),
+    (["--start", "now+10000000w"], "'now+10000000w' is not an instant between 1970"),
+    (["--start", "now-3000000w"], "'now-3000000w' is not an instant between 1970"),
+    (["--start", "9999-12-31T23:59:59+00:00", "--end", "9999-12-31T23:59:59-01:00"],
+     "is not an instant between 1970"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_TIMES)
+def test_command_times_outside_1970_to_9999_are_one_line(
+    argv: list[str], message: str, recording: RecordingUpstream, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = report.main_from_args(parse_args(
+        "--upstream", recording.url, "--out", str(tmp_path / "out"), *argv))
+    err = capsys.readouterr().err
+    assert code == report.EXIT_USAGE, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("report: error: ") and message in line, line
+    assert recording.requests == 0 and not (tmp_path / "out").exists()
+
+
+#: Steps and chunks the millisecond grid cannot hold.
+BAD_DURATIONS = [("--step", "0.4ms"), ("--step", "0ms"), ("--step", "1.5ms"),
+                 ("--step", "99999999999w"), ("--chunk", "0.4ms"), ("--chunk", "99999999999w"),
+                 ("--retry-backoff", "99999999999w")]
+
+
+@pytest.mark.parametrize(("flag", "text"), BAD_DURATIONS)
+def test_command_steps_the_grid_cannot_hold_are_usage_errors(
+    flag: str, text: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args("--start", "now-1h", flag, text)
+    assert exited.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+
+
+def test_command_the_issues_inputs_end_in_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """As typed in the issue, each in its own process (started at once)."""
+    runs = []
+    for argv in (["--start", "1e18", "--end", "1e18"], ["--start=-1e15"],
+                 ["--start", "now-1h", "--step", "0.4ms"]):
+        runs.append(subprocess.Popen(
+            [sys.executable, "-m", "exporter", "report", "--upstream", "http://127.0.0.1:9",
+             "--out", str(tmp_path / "out"), *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in runs:
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 2, err
+        # One line (after argparse's usage lines, for a bad flag).
+        assert "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(("report: error: ", "triton-mig-exporter report: error: ")), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("start", "end", "step", "chunk"), [
+    (T0, T0 + 7200, 60.0, 3600.0), (T0 + 1, T0 + 59, 60.0, 900.0), (T0, T0, 60.0, 60.0),
+    (T0 + 0.5, T0 + 86400, 0.25, 3600.0), (T0, T0 + 86400 * 7, 60.0, 21600.0),
+    (T0, T0 + 86400, 1.0, 86400.0), (T0 + 0.001, T0 + 0.009, 0.002, 0.002),
+])
+def test_extent_counts_what_the_grid_and_the_chunks_hold(
+    start: float, end: float, step: float, chunk: float,
+) -> None:
+    assert report.extent(start, end, step, chunk) == (
+        len(step_grid(start, end, step)), len(chunks(start, end, step, chunk)))
+
+
+def test_command_refuses_a_range_over_the_limits_before_sending_a_query(
+    recording: RecordingUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The issue's command: ten years at 1 s would be 315 million rows and 401,380 queries."""
+    code = report.main_from_args(parse_args(
+        "--upstream", recording.url, "--start", "now-3650d", "--step", "1s",
+        "--out", str(tmp_path / "out")))
+    err = capsys.readouterr().err
+    assert code == report.EXIT_USAGE
+    [line] = err.strip().splitlines()
+    assert re.fullmatch(
+        r"report: error: the range would be 315,360,00[01] rows \(limit 100,000\) and 401,380 "
+        r"queries \(limit 5,000\); narrow the range, raise --step or --chunk, or add --force to "
+        r"run it anyway", line), line
+    assert recording.requests == 0
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_command_force_runs_a_range_over_the_limits_and_shows_the_estimate_first(
+    recording: RecordingUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from exporter.report import command
+
+    monkeypatch.setattr(command, "MAX_ROWS", 100)
+    argv = ["--upstream", recording.url, "--start", "2023-03-30T22:00:00Z",
+            "--end", "2023-03-31T00:00:00Z", "--chunk", "1h", "--out", str(tmp_path / "out")]
+    assert report.main_from_args(parse_args(*argv)) == report.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "the range would be 121 rows (limit 100)" in err and recording.requests == 0
+    assert report.main_from_args(parse_args(*argv, "--force")) == 0
+    err = capsys.readouterr().err
+    estimate = ("report: 2023-03-30T22:00:00Z .. 2023-03-31T00:00:00Z every 60s: 121 rows, "
+                "2 chunks, at least 28 queries (over the limits: --force)")
+    assert err.splitlines()[0] == estimate, err
+    assert recording.requests >= 28
+    assert len(pd.read_csv(tmp_path / "out" / "report.csv")) == 121
+
+
+def test_command_shows_the_estimate_unless_quiet(
+    recording: RecordingUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--upstream", recording.url, "--start", "2023-03-30T22:00:00Z",
+            "--end", "2023-03-30T23:00:00Z", "--out", str(tmp_path / "out")]
+    assert report.main_from_args(parse_args(*argv)) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "report: 2023-03-30T22:00:00Z .. 2023-03-30T23:00:00Z every 60s: 61 rows, 1 chunk, "
+        "at least 14 queries")
+    assert report.main_from_args(parse_args(*argv, "--quiet")) == 0
+    assert "every 60s" not in capsys.readouterr().err
+
+
+def test_command_checks_the_output_folder_is_writable_before_querying(
+    recording: RecordingUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file" / "out", Path("/proc/version/out"), Path("/proc/out")):
+        code = report.main_from_args(parse_args(
+            "--upstream", recording.url, "--start", "now-1h", "--out", str(out)))
+        err = capsys.readouterr().err
+        assert code == report.EXIT_USAGE, err
+        [line] = err.strip().splitlines()
+        assert line.startswith(f"report: error: cannot write the report next to {out}: "), line
+    assert recording.requests == 0
+
+
+def partial_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_command_stopped_by_a_signal_leaves_no_partial_folder(
+    signum: int, recording: RecordingUpstream, tmp_path: Path,
+) -> None:
+    recording.hold = threading.Event()
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "report", "--upstream", recording.url,
+         "--start", "2023-03-30T22:00:00Z", "--end", "2023-03-30T23:00:00Z",
+         "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        promserver.wait_for(lambda: recording.requests > 0, 60, what="the first query")
+        assert partial_folders(tmp_path), "the output is prepared before querying"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signum, err
+    assert err.strip() == f"report: stopped by {signal.Signals(signum).name}; nothing was " \
+        f"written to {out}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_removes_the_partial_folder_a_killed_report_left(
+    recording: RecordingUpstream, tmp_path: Path,
+) -> None:
+    recording.hold = threading.Event()
+    out = tmp_path / "out"
+    argv = ["--upstream", recording.url, "--start", "2023-03-30T22:00:00Z",
+            "--end", "2023-03-30T23:00:00Z", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "report", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        promserver.wait_for(lambda: recording.requests > 0, 60, what="the first query")
+        proc.kill()  # SIGKILL: nothing of the process runs any more
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    [left] = partial_folders(tmp_path)
+    assert left.startswith(f".out.{proc.pid}.")
+    # Another report's folder, still running (this process), is left alone.
+    mine = tmp_path / f".out.{os.getpid()}.x1y2z3.partial"
+    mine.mkdir()
+    recording.hold.set()
+    recording.hold = None
+    assert report.main_from_args(parse_args(*argv)) == 0
+    assert partial_folders(tmp_path) == [mine.name]
+    assert (out / "report.csv").exists()
+
 
 def test_docs_describe_every_column() -> None:
     text = (ROOT / "docs" / "report.md").read_text(encoding="utf-8")

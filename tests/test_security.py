@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import time
 import traceback
@@ -49,11 +50,11 @@ from fakes import (
 )
 
 from exporter import config, web
-from exporter.config import Config
+from exporter.config import Config, ConfigError
 from exporter.lab.promserver import free_port, wait_for
 from exporter.service import QUIET_LOGGERS, Service
 from exporter.upstream import PrometheusClient, UpstreamError
-from exporter.web import bcrypt_hash, hash_password, verify_password
+from exporter.web import bcrypt_hash, verify_password
 
 pytestmark = pytest.mark.integration
 
@@ -367,7 +368,7 @@ def test_ca_bundle_and_metrics_over_tls_behind_basic_auth(
     cfg = https_config(fake, ca_file=str(pki.ca))
     # Served by the scrape process (the file-configured test below: by serve's own process).
     cfg["web"] |= {"tls_cert_file": str(pki.cert), "tls_key_file": str(pki.key),
-                   "basic_auth_users": {"prometheus": hash_password(SCRAPE_PASSWORD, 10_000)},
+                   "basic_auth_users": {"prometheus": bcrypt_hash(SCRAPE_PASSWORD, 4)},
                    "scrape_process": True}
     serve = start_serve(cleanup, cfg, tmp_path, verify=str(pki.ca),
                         auth=("prometheus", SCRAPE_PASSWORD))
@@ -455,19 +456,52 @@ def test_web_config_file_serves_tls_verifies_client_certificates_and_bcrypt_user
 # --- in-process: password hashes and the start-up warning -------------------------------------
 
 
-def test_password_hashes() -> None:
-    hashed = hash_password("correct horse", rounds=1000)
-    assert web.PASSWORD_HASH.match(hashed)
-    assert hashed.startswith("$pbkdf2-sha256$1000$")
-    assert verify_password("correct horse", hashed)
-    assert not verify_password("correct horse ", hashed)
-    assert not verify_password("correct horse", "$pbkdf2-sha256$1000$AAAA$" + "A" * 43)
-    assert hash_password("x", 1000) != hash_password("x", 1000)  # salted
-    check = web.BasicAuth({"u": hashed})
-    header = "Basic " + base64.b64encode(b"u:correct horse").decode()
-    assert check(header) and check(header)  # the second from the cache
-    assert not check(None) and not check("Bearer x") and not check("Basic !!!")
-    assert not check("Basic " + base64.b64encode(b"u:wrong").decode())
+#: passlib's pbkdf2-sha256 format, which an earlier version also took: "correct horse", 1000
+#: rounds.
+PBKDF2 = "$pbkdf2-sha256$1000$c2FsdHNhbHRzYWx0$F7o7.5VTVzFAO998X6s3AHrDsJVdMiIlgndIMe19NvY"
+
+
+def test_a_pbkdf2_hash_is_refused_with_one_line_saying_to_rehash_with_bcrypt(
+    tmp_path: Path,
+) -> None:
+    """One hash format: with bcrypt and pbkdf2 users side by side, unknown user names took as
+    long as one of them and could be told apart from the others."""
+    assert not verify_password("correct horse", PBKDF2)
+    with pytest.raises(ValueError, match="not a bcrypt"):
+        web.BasicAuth({"u": PBKDF2})
+    expected = ("the value for user 'u' is a pbkdf2-sha256 hash, which is no longer accepted: "
+                "re-hash the password with bcrypt (triton-mig-exporter hash-password)")
+    with pytest.raises(ConfigError) as caught:
+        config.from_mapping({"web": {"basic_auth_users": {"u": PBKDF2}}}, environ={})
+    assert str(caught.value) == f"<config>: web.basic_auth_users: {expected}"
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users: {{u: '{PBKDF2}'}}\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load_web_config(path)
+    assert str(caught.value) == f"{path}: basic_auth_users: {expected}"
+
+
+def median_seconds(check: web.BasicAuth, header: str, n: int = 7) -> float:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        assert not check(header)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_unknown_users_pay_the_cost_of_the_costliest_known_user() -> None:
+    """An unknown user name is checked against a dummy hash as costly as the costliest user's,
+    so it never answers faster than a known one (no enumeration of users by timing)."""
+    check = web.BasicAuth({"cheap": bcrypt_hash("p", 4), "dear": bcrypt_hash("p", 9)})
+    assert web.BCRYPT_HASH.match(check._dummy).group(1) == "09"  # type: ignore[union-attr]
+    known = median_seconds(check, basic("dear", "wrong"))
+    unknown = median_seconds(check, basic("nobody", "wrong"))
+    assert 0.7 < unknown / known < 1.4, (unknown, known)
 
 
 def test_bcrypt_hashes() -> None:
@@ -505,7 +539,7 @@ def test_basic_auth_without_tls_warns_at_start(
         "upstream": {"url": "http://127.0.0.1:9", "retries": 0},
         "evaluation": {"interval": "1h"},
         "web": {"listen_address": "127.0.0.1:0",
-                "basic_auth_users": {"u": hash_password("p", 1000)}},
+                "basic_auth_users": {"u": bcrypt_hash("p", 4)}},
     })
     service = Service(cfg)
     caplog.set_level(logging.WARNING, logger="exporter.service")

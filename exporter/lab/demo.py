@@ -93,16 +93,27 @@ def exporter_scrape_job(job: str, target: str) -> dict[str, Any]:
     }
 
 
+#: The demo's upstream timeout and retries (its Prometheus answers on 127.0.0.1 in
+#: milliseconds).
+DEMO_TIMEOUT = 2.0
+DEMO_RETRIES = 2
+
+
 def demo_config(prometheus_url: str | None, args: argparse.Namespace) -> config.Config:
     """The exporter's configuration, whose ``rules:`` section renders the demo's rules (which
     do not depend on the upstream: ``None`` leaves its default)."""
-    upstream = {"url": prometheus_url} if prometheus_url is not None else {}
+    upstream: dict[str, Any] = {"url": prometheus_url} if prometheus_url is not None else {}
+    # The Prometheus is local: a short timeout, and a staleness bound a slow cycle cannot
+    # outlast, so figures that answered are never withdrawn between two cycles.
+    upstream |= {"timeout": format_duration(DEMO_TIMEOUT), "retries": DEMO_RETRIES}
+    worst = config.worst_case_seconds(DEMO_TIMEOUT, DEMO_RETRIES, config.UpstreamConfig().backoff)
     return config.from_mapping({
         "upstream": upstream,
         "evaluation": {
             "interval": format_duration(args.interval),
             "window": format_duration(args.window),
             "scrape_interval": format_duration(args.scrape_interval),
+            "staleness": format_duration(max(3 * args.interval, worst + args.interval)),
         },
         "web": {"listen_address": _listen(args.listen_address)},
         "rules": {"group_interval": format_duration(args.scrape_interval), **DEMO_RULES},

@@ -20,7 +20,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from exporter.report.command import EXIT_UPSTREAM, EXIT_USAGE, add_arguments, main_from_args
+from exporter.report.command import (
+    EXIT_UPSTREAM,
+    EXIT_USAGE,
+    MAX_QUERIES,
+    MAX_ROWS,
+    add_arguments,
+    main_from_args,
+)
 
 if TYPE_CHECKING:
     from exporter.report.build import (
@@ -28,10 +35,12 @@ if TYPE_CHECKING:
         Report,
         ReportError,
         generate,
+        prepare_output,
+        remove_output,
         window_warning,
         write_report,
     )
-    from exporter.report.chunking import MAX_POINTS, chunks, step_grid
+    from exporter.report.chunking import MAX_POINTS, chunks, extent, step_grid
     from exporter.report.fetch import (
         FAST,
         NARROW,
@@ -68,10 +77,11 @@ if TYPE_CHECKING:
 
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
-        ("REPORT_FILES", "Report", "ReportError", "generate", "window_warning", "write_report"),
+        ("REPORT_FILES", "Report", "ReportError", "generate", "prepare_output", "remove_output",
+         "window_warning", "write_report"),
         "build",
     ),
-    **dict.fromkeys(("MAX_POINTS", "chunks", "step_grid"), "chunking"),
+    **dict.fromkeys(("MAX_POINTS", "chunks", "extent", "step_grid"), "chunking"),
     **dict.fromkeys(
         ("FAST", "NARROW", "Collected", "RangeQuerier", "ReportFetchError", "collect",
          "fast_queries", "one_replica", "progress_bar", "report_queries"), "fetch"
@@ -93,6 +103,8 @@ __all__ = [
     "FAST",
     "FLEET_COLUMNS",
     "MAX_POINTS",
+    "MAX_QUERIES",
+    "MAX_ROWS",
     "MODEL_COLUMNS",
     "NARROW",
     "PLOTS",
@@ -112,6 +124,7 @@ __all__ = [
     "collect",
     "concat_tables",
     "describe",
+    "extent",
     "fast_queries",
     "format_time",
     "generate",
@@ -119,7 +132,9 @@ __all__ = [
     "model_ids",
     "one_replica",
     "parse_time",
+    "prepare_output",
     "progress_bar",
+    "remove_output",
     "render_markdown",
     "report_queries",
     "slice_ids",

@@ -8,6 +8,7 @@ folder next to the output folder and moved into place only when all of them are 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,6 +46,8 @@ __all__ = [
     "Report",
     "ReportError",
     "generate",
+    "prepare_output",
+    "remove_output",
     "window_warning",
     "write_report",
 ]
@@ -238,8 +241,58 @@ def _publish(tmp: Path, out: Path, files: list[str]) -> None:
     tmp.rmdir()
 
 
-def write_report(report: Report, out: Path) -> list[str]:
-    """Write every file into a temporary folder beside ``out``, then move them into ``out``.
+#: The temporary folder of a report beside its output folder ``out``:
+#: ``.<out name>.<pid>.<random>.partial``; the pid tells a killed report's leftover apart.
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[^.]+\.partial$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def prepare_output(out: Path) -> Path:
+    """The temporary folder the report is written into, made beside ``out`` before anything is
+    queried (so a folder that cannot be written fails at once), after removing the leftovers
+    of reports into ``out`` that were killed (their process is gone).
+
+    :class:`ReportError` (code 2) when ``out`` is not a folder or cannot be written beside.
+    """
+    given = out
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {given} exists and is not a folder", EXIT_USAGE)
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ReportError(f"cannot write the report into {given}: permission denied", EXIT_USAGE)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for left in out.parent.iterdir():
+            match = _PARTIAL.match(left.name)
+            if match and match["name"] == out.name and not _alive(int(match["pid"])):
+                shutil.rmtree(left, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial",
+                                    dir=out.parent))
+        os.chmod(tmp, 0o755)
+    except OSError as error:
+        raise ReportError(f"cannot write the report next to {given}: {error}", EXIT_USAGE
+                          ) from None
+    return tmp
+
+
+def remove_output(tmp: Path | None) -> None:
+    """Remove a temporary folder of :func:`prepare_output` (if it is still there)."""
+    if tmp is not None and tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_report(report: Report, out: Path, tmp: Path | None = None) -> list[str]:
+    """Write every file into a temporary folder beside ``out`` (``tmp``, from
+    :func:`prepare_output`, or a new one), then move them into ``out``.
 
     A failure leaves ``out`` as it was (nothing half-written) and removes the temporary folder.
     Returns the file names written, in the order listed in ``summary.json``.
@@ -247,13 +300,12 @@ def write_report(report: Report, out: Path) -> list[str]:
     out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} exists and is not a folder", EXIT_USAGE)
+    if tmp is None:
+        try:
+            tmp = prepare_output(out)
+        except ReportError as error:
+            raise ReportError(str(error)) from None  # code 1: the files could not be written
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as error:
-        raise ReportError(f"cannot write the report next to {out}: {error}") from None
-    try:
-        os.chmod(tmp, 0o755)
         _write_table(report.table, tmp)
         plots = write_plots(report.table, report.summary["statistics"], tmp, report.pods)
         files = [*TABLE_FILES, *SUMMARY_FILES, *plots]
@@ -264,6 +316,5 @@ def write_report(report: Report, out: Path) -> list[str]:
     except OSError as error:
         raise ReportError(f"cannot write the report into {out}: {error}") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_output(tmp)
     return files

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-__all__ = ["MAX_POINTS", "chunks", "step_grid", "to_millis"]
+__all__ = ["MAX_POINTS", "chunks", "extent", "step_grid", "to_millis"]
 
 #: Prometheus refuses a range query with more than 11,000 points per series.
 MAX_POINTS = 11_000
@@ -43,6 +43,23 @@ def _grid_ms(start: float, end: float, step: float) -> tuple[int, int, int]:
     return first, last, step_ms
 
 
+def extent(start: float, end: float, step: float, chunk: float) -> tuple[int, int]:
+    """(steps, chunks) of a range: what :func:`step_grid` and :func:`chunks` would give, counted
+    without building either (a range can hold billions of steps)."""
+    first, last, step_ms = _grid_ms(start, end, step)
+    if last < first:
+        return 0, 0
+    steps = (last - first) // step_ms + 1
+    return steps, -(-steps // _points(chunk, step_ms))
+
+
+def _points(chunk: float, step_ms: int) -> int:
+    chunk_ms = _millis(chunk, "chunk")
+    if chunk_ms <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk!r}")
+    return max(1, min(MAX_POINTS, chunk_ms // step_ms + 1))
+
+
 def step_grid(start: float, end: float, step: float) -> np.ndarray:
     """Every aligned step in [start, end], as float unix seconds (empty if there is none)."""
     first, last, step_ms = _grid_ms(start, end, step)
@@ -64,10 +81,7 @@ def chunks(start: float, end: float, step: float, chunk: float) -> list[tuple[fl
     Empty when no aligned step lies in [start, end].
     """
     first, last, step_ms = _grid_ms(start, end, step)
-    chunk_ms = _millis(chunk, "chunk")
-    if chunk_ms <= 0:
-        raise ValueError(f"chunk must be positive, got {chunk!r}")
-    points = max(1, min(MAX_POINTS, chunk_ms // step_ms + 1))
+    points = _points(chunk, step_ms)
     spans: list[tuple[float, float]] = []
     at = first
     while at <= last:

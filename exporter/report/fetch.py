@@ -27,8 +27,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from exporter import catalog, derive
 from exporter.catalog import PHASES, BaseQuery, Level, Selectors
+from exporter.report.command import Stopped
 from exporter.report.table import SLICE_IDLE, TIMESTAMP, VALUE
 from exporter.report.times import format_time
 from exporter.upstream import QueryResult, UpstreamError
@@ -260,6 +262,21 @@ def slice_idle(frames: Mapping[str, pd.DataFrame], sel: Selectors) -> pd.DataFra
     return maxima.assign(**{VALUE: flags})
 
 
+@contextmanager
+def _shut_down(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """Shut ``pool`` down on the way out: after waiting for the queries in flight, unless the
+    report was stopped by a signal (the command then leaves without them)."""
+    try:
+        yield
+    except Stopped:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def collect(
     querier: RangeQuerier,
     sel: Selectors,
@@ -306,7 +323,8 @@ def collect(
     skipped = _per_pod(cheap.keys() | NARROW) if narrow else frozenset()
     fetch = _Fetcher(querier, spans, step, retries, backoff, sleep, sel.replicas)
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="report") as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="report")
+    with _shut_down(pool):
 
         def submit(index: int) -> Pending:
             return [(q, pool.submit(fetch, q, cheap[q.name], index, promql[q.name])
@@ -363,7 +381,6 @@ def collect(
             with fetch.lock:
                 if fetch.failed is None:
                     fetch.failed = ReportFetchError("stopped", 0, (0.0, 0.0), "")
-            pool.shutdown(wait=True, cancel_futures=True)
             raise
     collected.retries = fetch.retried
     collected.queries += fetch.again

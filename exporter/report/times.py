@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import dateparser
 
-from exporter.config import parse_duration
+from exporter.config import check_instant, parse_duration
 
 __all__ = ["TimeError", "format_time", "parse_time"]
 
@@ -36,7 +36,16 @@ def parse_time(text: str, now: float) -> float:
     Accepted: a number of unix seconds; ``now``, ``now-<duration>``, ``now+<duration>``
     (Prometheus durations: ``7d``, ``1h30m``); RFC 3339 / ISO 8601 with an offset or ``Z``; any
     date dateparser reads in English that names its zone, e.g. ``2023-03-30 at 16:00:00 MDT``.
+    The instant must lie between 1970 and 9999 (:func:`exporter.config.check_instant`).
     """
+    seconds = _parse(text, now)
+    try:
+        return check_instant(seconds, text)
+    except ValueError as error:
+        raise TimeError(str(error)) from None
+
+
+def _parse(text: str, now: float) -> float:
     raw = text.strip()
     if not raw:
         raise TimeError(f"empty time; expected {FORMS}")
@@ -60,7 +69,10 @@ def parse_time(text: str, now: float) -> float:
             f"{text!r} has no time zone; add one (Z, +02:00, UTC, MDT...) so the window does not "
             "depend on the machine's local zone"
         )
-    return moment.timestamp()
+    try:
+        return moment.timestamp()
+    except OverflowError:  # 9999-12-31T23:00:00-01:00 is in year 10000 in UTC
+        return math.inf
 
 
 def _relative(text: str, rest: str, now: float) -> float:
