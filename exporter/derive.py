@@ -199,19 +199,23 @@ def triton_series(
     """Per (model, version, server as pod, *extra): model-labelled series only, summed within
     each series group of the base query, deduplicated across replicas (the highest kept).
 
-    The base query groups by the server labels and replicas (and a failure's reason): source
-    labels ``extra`` does not keep are summed away first, as the rule's ``sum by`` does.
+    A base frame has one row per label set (a PromQL vector never repeats one). Its labels that
+    ``extra`` does not keep (a failure's reason) are summed away first, per replica, as the
+    rule's ``sum by`` does; a frame with no such label needs no sum.
     """
-    labels = [*sel.servers, *sel.replicas]
+    kept = {*keys, sel.model, sel.version, *sel.servers, *sel.replicas, *extra, VALUE}
+    summed_away = any(column not in kept for column in frame.columns)
+    labels = [*sel.servers, *(sel.replicas if summed_away else ())]
     source = {MODEL: sel.model, VERSION: sel.version, **{k: k for k in (*labels, *extra)}}
     table, usable = _source(frame, {**{k: k for k in keys}, **source}, fill=source.values())
     # One extra False at the end, for code -1 (no model at all: dropped anyway).
     has_model = np.append(table.levels[MODEL].astype(str) != "", False)
     usable &= has_model[table.codes[MODEL]]
-    grouped = _group(table.take(usable), [*keys, MODEL, VERSION, *labels, *extra], "sum")
-    with_server = _with_server(grouped, sel.servers)
+    table = table.take(usable)
+    if summed_away:
+        table = _group(table, [*keys, MODEL, VERSION, *labels, *extra], "sum")
     # Replica labels are not grouping keys: max over them is the deduplication.
-    return _group(with_server, [*keys, *MVP, *extra], "max")
+    return _group(_with_server(table, sel.servers), [*keys, *MVP, *extra], "max")
 
 
 def server_identity(values: tuple[str, ...]) -> str:
@@ -236,15 +240,19 @@ def _with_server(table: Table, servers: list[str]) -> Table:
     # The few distinct label combinations, each named once.
     key = _combine([table.codes[k] for k in servers], [len(table.levels[k]) for k in servers])
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    names = [
-        server_identity(tuple(str(table.levels[k][table.codes[k][row]]) for k in servers))
-        for row in first
-    ]
-    uniques = sorted(set(names))
-    position = {name: i for i, name in enumerate(uniques)}
-    codes = np.array([position[name] for name in names], dtype=np.int64)[inverse]
+    values = [table.levels[k][table.codes[k][first]].astype(str) for k in servers]
+    if any(np.char.find(v, ";").max(initial=-1) >= 0 for v in values):
+        # A value with the join's separator: read the joined text as the rules do.
+        names = np.array([server_identity(combo) for combo in zip(*values, strict=True)],
+                         dtype=object)
+    else:
+        names = values[-1]
+        for value in reversed(values[:-1]):
+            names = np.where(value != "", value, names)
+    uniques, codes = np.unique(names.astype(str), return_inverse=True)
+    codes = codes.astype(np.int64)[inverse]
     return Table({**table.codes, POD: codes},
-                 {**table.levels, POD: np.array(uniques, dtype=object)},
+                 {**table.levels, POD: uniques.astype(object)},
                  {**table.dtypes, POD: _STR}, table.value)
 
 

@@ -262,7 +262,8 @@ def test_range_frames_keyed_by_timestamp_give_each_instants_tables() -> None:
 
 
 def random_triton(seed: int, rows: int = 400) -> pd.DataFrame:
-    """Many repeated label tuples, some missing keys, empty models and non-finite values."""
+    """Many label tuples repeated across timestamps and replicas, some missing keys, empty models
+    and non-finite values."""
     rng = np.random.default_rng(seed)
 
     def pick(values: list[object]) -> list[object]:
@@ -271,7 +272,7 @@ def random_triton(seed: int, rows: int = 400) -> pd.DataFrame:
     values = rng.random(rows) * 10.0 ** rng.integers(-3, 7, rows)
     values[rng.random(rows) < 0.05] = math.nan
     values[rng.random(rows) < 0.03] = math.inf
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "timestamp": pick([100.0, 160.0, 220.0, math.nan]),
         "model": pick(["a", "b", "", "é", 'q"', "z", math.nan]),
         "version": pick(["1", "2", "10"]),
@@ -279,6 +280,8 @@ def random_triton(seed: int, rows: int = 400) -> pd.DataFrame:
         "prometheus_replica": pick(["r0", "r1"]),
         "value": values,
     })
+    # An answer never repeats a label set (a PromQL vector cannot).
+    return frame.drop_duplicates(subset=[c for c in frame.columns if c != "value"])
 
 
 def pandas_dedup(frame: pd.DataFrame) -> pd.DataFrame:
