@@ -64,7 +64,8 @@ from exporter.config import parse_duration
 PREFIX = "triton_mig_exporter_"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "load.json"
-TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05}
+TRITON_FACTOR = {"count": 1.0, "success": 0.5, "failure": 0.01, "exec": 0.25, "cache_hits": 0.05,
+                 "pending": 0.1}
 TRITON_FACTOR |= {f"{p}_us": 1000.0 * (i + 1) for i, p in enumerate(catalog.PHASES)}
 DCGM_FACTOR = {"tensor": 1.0, "dram": 0.5, "gr_engine": 0.8, "tensor_max": 1.0}
 
