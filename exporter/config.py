@@ -154,9 +154,12 @@ def _check_secret_file(key: str, path: Path, header: bool = False) -> None:
     """The secret file can be read, is not empty and holds what a request can carry (``header``:
     sent as it is in an HTTP header); its content is not kept or shown."""
     try:
+        _refuse_special(path)
         value = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{key}: cannot read {path}: {_why(error)}") from None
+    except ConfigError as error:
+        raise ValueError(f"{key}: {error}") from None
     if not value:
         raise ValueError(f"{key}: {path} is empty")
     problem = unsendable(value, header)
@@ -1026,9 +1029,18 @@ def _read_mapping(path: Path, without: str) -> dict[str, Any]:
     return data
 
 
+def _refuse_special(path: Path) -> None:
+    """ConfigError when ``path`` is a FIFO, a device or a socket: reading one can block for
+    ever. A missing file is left to the read, which says so."""
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+
+
 def read_secret(path: Path) -> str:
-    """The content of a secret file, stripped of the trailing newline editors add."""
+    """The content of a secret file, stripped of the trailing newline editors add. A FIFO or
+    other special file is refused, never waited on (opening a FIFO blocks for a writer)."""
     try:
+        _refuse_special(path)
         return path.read_text(encoding="utf-8").strip()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read secret file: {error.strerror or error}") from None

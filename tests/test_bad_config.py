@@ -341,3 +341,19 @@ def test_bad_config_as_real_processes(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+@pytest.mark.parametrize("key", ["bearer_token_file", "basic_auth"])
+def test_a_fifo_as_a_secret_file_is_one_line_not_a_hang(key: str, tmp_path: Path) -> None:
+    """Opening a FIFO blocks until something writes to it: check-config would hang."""
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    upstream = (f"{{bearer_token_file: '{fifo}'}}" if key == "bearer_token_file"
+                else f"{{basic_auth: {{username: u, password_file: '{fifo}'}}}}")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"upstream: {upstream}\n")
+    done = run("check-config", "--config.file", str(path), timeout=30)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.endswith(f"{fifo}: not a regular file"), line
+    assert ("bearer_token_file" if key == "bearer_token_file" else "password_file") in line
